@@ -1,0 +1,38 @@
+"""The attention backend interface: paged-KV write + attention over one flat token batch."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from spruce.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """One instance serves every layer; it holds no per-step state.
+
+    `forward` first stores this step's K/V for all T tokens at `md.slot_mapping`, and only then
+    attends: a request may read blocks another request in the same batch wrote in this very layer
+    call (shared prefix blocks), so every write must land before any read.
+    """
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor,
+                md: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> out [T, H, D]."""
+
+    @staticmethod
+    def write_kv(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        hkv, d = key_cache.shape[-2:]
+        key_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
+        value_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+
+
+def get_attention_backend(device: torch.device | str) -> AttentionBackend:
+    """The best backend available for `device`; today the torch one everywhere."""
+    from spruce.attention.torch_ref import TorchAttentionBackend
+    return TorchAttentionBackend()

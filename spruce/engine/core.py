@@ -1,0 +1,173 @@
+"""EngineCore: owns the model, KV cache, scheduler and output processing; `step()` runs one batch."""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from spruce.config import EngineConfig
+from spruce.engine.output_processor import OutputProcessor
+from spruce.engine.runner import ModelRunner, ModelRunnerOutput
+from spruce.engine.scheduler import Scheduler, SchedulerOutput
+from spruce.kv.manager import KVCacheManager
+from spruce.models.llama import allocate_kv_cache
+from spruce.models.loader import dtype_auto, load_model
+from spruce.models.resolve import resolve_model
+from spruce.outputs import RequestOutput
+from spruce.request import Request, RequestStatus
+from spruce.sampling_params import SamplingParams
+from spruce.tokenizer import Tokenizer
+
+logger = logging.getLogger("spruce")
+
+PromptType = Union[str, list[int]]
+
+
+def _default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 << 30
+    return min(4 << 30, total // 4)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    model_config: object
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    mc = config.model_config
+    device = torch.device(mc.device)
+    resolved = resolve_model(mc.model, mc.revision)
+    tokenizer = Tokenizer.from_resolved(resolve_model(mc.tokenizer) if mc.tokenizer else resolved)
+    dtype = dtype_auto(device) if mc.dtype == "auto" else getattr(torch, mc.dtype)
+    model, model_config = load_model(resolved, dtype, device, mc.max_model_len)
+    return LoadedModel(resolved.name, model, model_config, tokenizer, dtype)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, log_progress: bool = True, loaded: Optional[LoadedModel] = None):
+        """`loaded` reuses weights already in memory (tests build many engines over one model)."""
+        self.config = config
+        mc, cc = config.model_config, config.cache_config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(mc.seed)
+        self.device = torch.device(mc.device)
+        t0 = time.perf_counter()
+        loaded = loaded or load(config)
+        self.model_name, self.tokenizer, self.dtype = loaded.name, loaded.tokenizer, loaded.dtype
+        self.model, self.model_config = loaded.model, loaded.model_config
+        self.vocab_size = self.model_config.vocab_size
+        self.max_model_len = min(mc.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.num_blocks = self._num_blocks()
+        self.kv_caches = allocate_kv_cache(self.model_config, self.num_blocks, cc.block_size, self.dtype, self.device)
+        self.kv_manager = KVCacheManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_manager, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.vocab_size, self.device,
+                                  config.max_logprobs)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        if log_progress:
+            print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
+                  f"{time.perf_counter() - t0:.1f}s; KV cache {self.num_blocks} blocks x {cc.block_size} tokens",
+                  file=sys.stderr)
+
+    def _num_blocks(self) -> int:
+        cc, m = self.config.cache_config, self.model_config
+        if cc.num_gpu_blocks_override:
+            return cc.num_gpu_blocks_override
+        budget = cc.kv_cache_memory or _default_kv_bytes(self.device)
+        per_block = 2 * m.num_hidden_layers * cc.block_size * m.num_key_value_heads * m.head_dim \
+            * torch.empty((), dtype=self.dtype).element_size()
+        n = budget // per_block
+        if n < 2:
+            raise ValueError(f"kv_cache_memory={budget} bytes holds fewer than 2 blocks of {per_block} bytes")
+        return int(n)
+
+    # ----- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None,
+                    priority: int = 0, arrival_time: Optional[float] = None, lora_id: Optional[int] = None,
+                    cache_salt: Optional[str] = None) -> str:
+        """Validate and queue one prompt. Raises ValueError naming the bad field; nothing is queued then."""
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if self.output_processor.has(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        params.validate_token_ids(self.vocab_size)
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt is {n} tokens; the model's context (max_model_len) is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
+        capacity = self.num_blocks * self.config.cache_config.block_size
+        if n + 1 > capacity:
+            raise ValueError(f"prompt is {n} tokens but the KV cache holds only {capacity}; "
+                             "raise --kv-cache-memory")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if not params.ignore_eos:
+            params._all_stop_token_ids |= set(self.tokenizer.stop_token_ids) - {self.tokenizer.eos_token_id}
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+                child_params._all_stop_token_ids = set(params._all_stop_token_ids)
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            children.append(Request(child_id, token_ids, child_params, self.tokenizer.eos_token_id,
+                                    arrival_time, priority, lora_id, cache_salt, max_tokens))
+        self.output_processor.add(request_id, text, children)
+        for child in children:
+            self.scheduler.add_request(child)
+        return request_id
+
+    def _tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            prompt = prompt["prompt_token_ids"]
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty (prompt_token_ids is [])")
+        for t in ids:
+            if not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt_token_ids has token id {t!r} outside the vocabulary [0, {self.vocab_size})")
+        return None, ids
+
+    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        child_ids = [c for rid in request_ids for c in self.output_processor.child_ids(rid)]
+        aborted = self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        outputs, _ = self.output_processor.process([], {}, aborted)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ----- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        model_output = self.runner.execute(scheduled) if not scheduled.is_empty else ModelRunnerOutput()
+        return self._update(scheduled, model_output)
+
+    def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
+        updated = self.scheduler.update_from_output(scheduled, model_output.sampled)
+        outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs

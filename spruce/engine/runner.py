@@ -1,0 +1,100 @@
+"""ModelRunner: flattens a SchedulerOutput into one varlen batch, runs the model, samples.
+
+Everything that touches tensors lives here; the scheduler never sees one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from spruce.attention.metadata import AttentionMetadata
+from spruce.engine.sampler import Sampler, SamplingMetadata
+from spruce.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    # request id -> per new token: (token ids, logprobs), column 0 the sampled token.
+    logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor          # rows of the hidden states that get sampled
+    sampling_rows: list                    # the Request behind each sampled row
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches, block_size: int, vocab_size: int, device: torch.device,
+                 max_logprobs: int = 20):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.max_logprobs = max_logprobs
+        self.sampler = Sampler()
+
+    def prepare(self, out: SchedulerOutput) -> FlatBatch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        query_start_loc = [0]
+        seq_lens, query_lens, starts = [], [], []
+        block_tables: list[list[int]] = []
+        logits_indices, sampling_rows = [], []
+        for s in out.scheduled:
+            req = s.request
+            start = req.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids.extend(req.all_token_ids[start:end])
+            starts.append(start)
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+            block_tables.append(s.block_ids)
+            if s.samples:
+                logits_indices.append(query_start_loc[-1] - 1)
+                sampling_rows.append(req)
+        num_reqs = len(seq_lens)
+        width = max(len(b) for b in block_tables)
+        table = torch.zeros(num_reqs, width, dtype=torch.long)
+        for i, b in enumerate(block_tables):
+            table[i, :len(b)] = torch.tensor(b, dtype=torch.long)
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        req_of_token = torch.repeat_interleave(torch.arange(num_reqs), q_lens)
+        offsets = torch.arange(len(input_ids)) - torch.tensor(query_start_loc[:-1]).repeat_interleave(q_lens)
+        positions = torch.tensor(starts, dtype=torch.long).repeat_interleave(q_lens) + offsets
+        slot_mapping = table[req_of_token, positions // bs] * bs + positions % bs
+        dev = self.device
+        md = AttentionMetadata(
+            num_tokens=len(input_ids), query_start_loc=query_start_loc, seq_lens=seq_lens,
+            query_lens=query_lens, block_tables=table.to(dev), slot_mapping=slot_mapping.to(dev),
+            block_size=bs, seq_lens_t=torch.tensor(seq_lens, dtype=torch.long, device=dev))
+        return FlatBatch(torch.tensor(input_ids, dtype=torch.long, device=dev), positions.to(dev), md,
+                         torch.tensor(logits_indices, dtype=torch.long, device=dev), sampling_rows)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        batch = self.prepare(out)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
+        result = ModelRunnerOutput()
+        if not batch.sampling_rows:
+            return result
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        md = SamplingMetadata.from_requests(batch.sampling_rows, self.vocab_size, self.device)
+        sampler_out = self.sampler(logits, md)
+        token_ids = sampler_out.sampled_token_ids.tolist()
+        lp = sampler_out.logprobs
+        lp_ids = lp_vals = None
+        if lp is not None:
+            lp_ids, lp_vals = lp[0].tolist(), lp[1].tolist()
+        for row, req in enumerate(batch.sampling_rows):
+            result.sampled[req.request_id] = [token_ids[row]]
+            k = req.sampling_params.logprobs
+            if k is not None and lp_ids is not None:
+                result.logprobs[req.request_id] = [(lp_ids[row][:k + 1], lp_vals[row][:k + 1])]
+        return result

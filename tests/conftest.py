@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+# Two threads whatever the machine: results do not depend on it, and CI has 2 cores.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M loaded once (float32) for every engine the tests build."""
+    from spruce.config import EngineConfig
+    from spruce.engine.core import load
+    return load(EngineConfig.from_kwargs(model="smollm2-135m", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def make_llm(smollm):
+    from spruce.entrypoints.llm import LLM
+
+    def make(**engine_args):
+        engine_args.setdefault("kv_cache_memory", "256MiB")
+        return LLM("smollm2-135m", _loaded=smollm, dtype="float32", **engine_args)
+    return make
