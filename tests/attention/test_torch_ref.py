@@ -153,3 +153,13 @@ def test_bf16_and_empty_requests():
 
 def test_get_attention_backend():
     assert isinstance(get_attention_backend("cpu"), TorchAttentionBackend)
+
+
+def test_one_backend_reused_across_steps_and_shapes():
+    """The decode gather buffers are reused: growing, shrinking and changing head shape."""
+    be = TorchAttentionBackend()
+    for seq_lens, h, hkv in [([5, 9], 4, 2), ([30, 17, 22, 3], 4, 2), ([6], 6, 3), ([40, 2], 4, 2)]:
+        sc = Scenario(seq_lens, [1] * len(seq_lens), h=h, hkv=hkv, num_blocks=48)
+        be.prepare(sc.md)
+        out = be.forward(sc.q, sc.k, sc.v, sc.key_cache, sc.value_cache, sc.md, sc.scale)
+        torch.testing.assert_close(out, sc.reference(), rtol=1e-5, atol=1e-5)

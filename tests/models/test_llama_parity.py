@@ -93,7 +93,9 @@ PROMPTS = {"a": [5, 17, 33, 2, 90, 41, 8, 8, 60, 11, 3], "b": [7, 1, 64, 29, 30]
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_hf_dir_parity_prefill_decode_chunked(kind, tmp_path):
     hf = tiny_hf(kind)
-    hf.save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB" if kind == "mistral" else "1GB")
+    if kind == "mistral":   # exercise the sharded (index json) layout
+        assert (tmp_path / "model.safetensors.index.json").is_file()
     model, config = load_model(ResolvedModel("hf_dir", tmp_path, kind), torch.float32, "cpu")
     assert config.architecture == type(hf).__name__
     assert get_model_class(config.architecture) is type(model)
