@@ -78,13 +78,77 @@ class SchedulerConfig:
             raise ValueError(f"scheduling policy must be fcfs|priority, got {self.policy!r}")
 
 
+SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)
+SPEC_METHODS = ("ngram", "draft_model", "early_exit", "merged")
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's --speculative-config shape, plus SpecInfer's tree options."""
+    method: str = "ngram"
+    model: Optional[str] = None               # draft_model: the draft checkpoint
+    num_speculative_tokens: int = 4           # chain length, or the tree's max depth
+    prompt_lookup_min: int = 1                # ngram: shortest suffix to look up
+    prompt_lookup_max: int = 4                # ngram: longest suffix to look up
+    # Token tree: an expansion config <k1..kd> (SpecInfer), "specinfer" for its preset, or None: a chain.
+    tree: Optional[str | list[int]] = None
+    num_early_exit_layers: Optional[int] = None  # early_exit: target layers the draft runs
+    methods: Optional[list[dict]] = None       # merged: the proposers whose trees are merged
+    # Load adaptation: no speculation in a step with more running requests than this.
+    max_num_seqs_for_spec: int = 8
+
+    def __post_init__(self):
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative method must be one of {SPEC_METHODS}, got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1")
+        if self.tree == "specinfer":
+            self.tree = list(SPECINFER_EXPANSION)
+        if self.tree is not None and (not isinstance(self.tree, (list, tuple))
+                                      or not all(isinstance(k, int) and k >= 1 for k in self.tree)):
+            raise ValueError(f"tree must be 'specinfer' or a list of positive ints, got {self.tree!r}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative method draft_model needs 'model'")
+        if self.method == "merged" and not self.methods:
+            raise ValueError("speculative method merged needs 'methods': a list of proposer configs")
+        if self.prompt_lookup_min < 1 or self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+
+    @property
+    def depth(self) -> int:
+        return len(self.tree) if self.tree else self.num_speculative_tokens
+
+    @classmethod
+    def parse(cls, value) -> Optional["SpeculativeConfig"]:
+        """None, a dict, a SpeculativeConfig, or a JSON string (the CLI form)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            import json
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--speculative-config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: Optional[SpeculativeConfig] = None
     max_logprobs: int = 20
     num_threads: Optional[int] = None  # torch intra-op threads; None: all cores
+
+    def __post_init__(self):
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, model: Optional[str] = None, **kwargs: Any) -> "EngineConfig":
@@ -103,7 +167,7 @@ class EngineConfig:
                     bucket[key] = value
                     break
             else:
-                if key in ("max_logprobs", "num_threads"):
+                if key in ("max_logprobs", "num_threads", "speculative_config"):
                     top[key] = value
                 else:
                     raise TypeError(f"unknown engine argument {key!r}")

@@ -54,6 +54,8 @@ class Request:
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks
         # Per-token top logprobs, when asked for: list of (token_ids, logprobs) per output token.
         self.output_logprobs: list = []
+        # A draft tree proposed for this step (speculative decoding); root = the last token.
+        self.spec_tree = None
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator()

@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: Optional[int] = None      # number of top logprobs per token (0: the sampled one only)
     skip_special_tokens: bool = True
     detokenize: bool = True
+    speculate: bool = True              # per-request opt-out of speculative decoding
     # Filled by the engine from the model's generation config: extra ids that end a sequence.
     _all_stop_token_ids: set = field(default_factory=set, repr=False)
 

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -38,6 +38,29 @@ def _default_kv_bytes(device: torch.device) -> int:
     except (ValueError, OSError):
         total = 16 << 30
     return min(4 << 30, total // 4)
+
+
+@dataclass
+class SpecDecodingStats:
+    """vLLM's spec-decode counters (vllm:spec_decode_*)."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list = field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, accepted_per_pos: list[int]) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += sum(accepted_per_pos)
+        if len(self.num_accepted_tokens_per_pos) < len(accepted_per_pos):
+            self.num_accepted_tokens_per_pos += [0] * (len(accepted_per_pos) - len(self.num_accepted_tokens_per_pos))
+        for i, a in enumerate(accepted_per_pos):
+            self.num_accepted_tokens_per_pos[i] += a
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification step (accepted drafts + the bonus token)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 @dataclass
@@ -82,6 +105,12 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.vocab_size, self.device,
                                   config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.spec_config = config.speculative_config
+        self.proposer = None
+        self.spec_stats = SpecDecodingStats()
+        if self.spec_config is not None:
+            from spruce.spec.proposers import make_proposer
+            self.proposer = make_proposer(self.spec_config, self)
         self._ids = itertools.count()
         if log_progress:
             print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
@@ -162,11 +191,29 @@ class EngineCore:
 
     # ----- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._propose()
         scheduled = self.scheduler.schedule()
         model_output = self.runner.execute(scheduled) if not scheduled.is_empty else ModelRunnerOutput()
         return self._update(scheduled, model_output)
 
+    def _propose(self) -> None:
+        """Attach draft trees to decoding requests for the scheduler to budget. Under load (more
+        running requests than max_num_seqs_for_spec) nothing is drafted: a big batch already
+        uses the hardware well, and verifying rejected drafts would only slow it down."""
+        running = self.scheduler.running
+        if self.proposer is None or not running or len(running) > self.spec_config.max_num_seqs_for_spec:
+            return
+        reqs = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.speculate
+                and (r.max_tokens is None or r.num_output_tokens + 1 < r.max_tokens)]
+        for req, tree in zip(reqs, self.proposer.propose(reqs) if reqs else []):
+            if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
+                req.spec_tree = tree
+
     def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
+        for s in scheduled.scheduled:
+            s.request.spec_tree = None
+        for num_draft, accepted in model_output.spec_stats.values():
+            self.spec_stats.record(num_draft, accepted)
         updated = self.scheduler.update_from_output(scheduled, model_output.sampled)
         outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

@@ -20,8 +20,9 @@ from spruce.request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int                # query tokens this step (a tree's nodes when speculating)
     block_ids: list[int]
+    spec_tree: Optional["TokenTree"] = None  # noqa: F821 (spruce.spec.tree), to verify this step
 
     @property
     def samples(self) -> bool:
@@ -132,7 +133,11 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            while self.kv.allocate_slots(req, num_new) is None:
+            tree = req.spec_tree if req.num_tokens - req.num_computed_tokens == 1 else None
+            if tree is not None and len(tree) > budget:
+                tree = None  # the budget decides: a tree that does not fit is not verified
+            lookahead = len(tree) - 1 if tree is not None else 0
+            while self.kv.allocate_slots(req, num_new, num_lookahead_tokens=lookahead) is None:
                 victim = self.policy.pick_victim(self.running)
                 for k, s in enumerate(out.scheduled):
                     if s.request is victim:  # give back what the victim was promised this step
@@ -144,8 +149,9 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
-                budget -= num_new
+                out.scheduled.append(ScheduledRequest(req, num_new + lookahead,
+                                                      self.kv.get_block_ids(req.request_id), tree))
+                budget -= num_new + lookahead
                 i += 1
                 continue
             # req itself was preempted; the list shifted under i, so re-read the same index.
@@ -182,8 +188,14 @@ class Scheduler:
         now = time.time()
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
             new_ids = sampled.get(req.request_id)
+            if s.spec_tree is not None:
+                # The root and the accepted nodes now have K/V at their real positions; the
+                # bonus token (last) does not yet, and the rejected nodes' slots go back.
+                req.num_computed_tokens += len(new_ids)
+                self.kv.release_slots_beyond(req, req.num_computed_tokens + 1)
+            else:
+                req.num_computed_tokens += s.num_new_tokens
             if not new_ids:
                 continue  # a prefill chunk that did not reach the end of the prompt
             if req.first_token_time is None:

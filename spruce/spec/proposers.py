@@ -1,0 +1,102 @@
+"""Proposers: each drafts a TokenTree per request whose root is the request's last token."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence
+
+import numpy as np
+
+from spruce.config import SpeculativeConfig
+from spruce.request import Request
+from spruce.spec.tree import TokenTree, merge_trees
+
+
+class Proposer(ABC):
+    proposer_id: int = 0
+
+    @abstractmethod
+    def propose(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
+        """One tree (or None: nothing to propose) per request."""
+
+    def on_finished(self, request_ids: Sequence[str]) -> None:
+        """Drop per-request state (draft KV, caches) of finished or preempted requests."""
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: find the longest recent suffix (prompt_lookup_max .. min tokens) that occurred
+    earlier in the request's tokens and propose what followed it. With a tree config, the
+    continuations of several earlier occurrences become the branches of one tree. Drafts are
+    deterministic picks, verified as point masses, so sampling stays exact."""
+
+    def __init__(self, config: SpeculativeConfig, proposer_id: int = 0):
+        self.k = config.depth
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.width = max(config.tree) if config.tree else 1
+        self.proposer_id = proposer_id
+
+    def propose(self, requests):
+        return [self._propose_one(r.all_token_ids) for r in requests]
+
+    def continuations(self, tokens: list[int]) -> list[list[int]]:
+        arr = np.asarray(tokens, dtype=np.int64)
+        n_tok = len(arr)
+        for n in range(min(self.max_n, n_tok - 1), self.min_n - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+            starts = np.flatnonzero((windows == arr[n_tok - n:]).all(axis=1))
+            if len(starts) == 0:
+                continue
+            conts, seen = [], set()
+            for s in starts[::-1]:  # the most recent occurrence first
+                cont = tuple(arr[s + n:s + n + self.k].tolist())
+                if cont and cont not in seen:
+                    seen.add(cont)
+                    conts.append(list(cont))
+                    if len(conts) == self.width:
+                        break
+            if conts:
+                return conts
+        return []
+
+    def _propose_one(self, tokens: list[int]) -> Optional[TokenTree]:
+        conts = self.continuations(tokens)
+        if not conts:
+            return None
+        root = tokens[-1]
+        trees = [TokenTree.chain([root] + c, proposer=self.proposer_id) for c in conts]
+        return trees[0] if len(trees) == 1 else merge_trees(trees)
+
+
+class MergedProposer(Proposer):
+    """SpecInfer's merge-based speculation: the trie union of several proposers' trees."""
+
+    def __init__(self, proposers: list[Proposer]):
+        self.proposers = proposers
+
+    def propose(self, requests):
+        per = [p.propose(requests) for p in self.proposers]
+        out = []
+        for trees in zip(*per):
+            trees = [t for t in trees if t is not None and len(t) > 1]
+            out.append(None if not trees else trees[0] if len(trees) == 1 else merge_trees(trees))
+        return out
+
+    def on_finished(self, request_ids):
+        for p in self.proposers:
+            p.on_finished(request_ids)
+
+
+def make_proposer(config: SpeculativeConfig, target=None, proposer_id: int = 0) -> Proposer:
+    """`target`: the EngineCore, for proposers that reuse the target's weights or tokenizer."""
+    if config.method == "ngram":
+        return NgramProposer(config, proposer_id)
+    if config.method == "merged":
+        subs = []
+        for i, sub in enumerate(config.methods):
+            sub_cfg = SpeculativeConfig.parse({"num_speculative_tokens": config.num_speculative_tokens,
+                                               "tree": config.tree, **sub})
+            subs.append(make_proposer(sub_cfg, target, proposer_id=i))
+        return MergedProposer(subs)
+    if config.method in ("draft_model", "early_exit"):
+        from spruce.spec.draft import make_model_proposer
+        return make_model_proposer(config, target, proposer_id)
+    raise ValueError(f"unknown speculative method {config.method!r}")
