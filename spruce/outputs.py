@@ -23,6 +23,8 @@ class RequestMetrics:
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     num_preemptions: int = 0
+    num_spec_steps: int = 0        # speculative verification steps
+    num_spec_accepted: int = 0     # draft tokens accepted in them
 
     @property
     def ttft(self) -> Optional[float]:

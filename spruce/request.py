@@ -56,6 +56,8 @@ class Request:
         self.output_logprobs: list = []
         # A draft tree proposed for this step (speculative decoding); root = the last token.
         self.spec_tree = None
+        self.num_spec_steps = 0          # verification steps this request took part in
+        self.num_spec_accepted = 0       # draft tokens accepted over them
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator()

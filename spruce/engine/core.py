@@ -212,8 +212,11 @@ class EngineCore:
     def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
         for s in scheduled.scheduled:
             s.request.spec_tree = None
-        for num_draft, accepted in model_output.spec_stats.values():
+        for rid, (num_draft, accepted) in model_output.spec_stats.items():
             self.spec_stats.record(num_draft, accepted)
+            req = self.scheduler.requests[rid]
+            req.num_spec_steps += 1
+            req.num_spec_accepted += sum(accepted)
         updated = self.scheduler.update_from_output(scheduled, model_output.sampled)
         outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

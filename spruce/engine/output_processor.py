@@ -126,8 +126,10 @@ class OutputProcessor:
             completions.append(CompletionOutput(
                 c.index, c.text, list(ids), c.finish_reason, c.stop_reason, c.logprobs,
                 c.cumulative_logprob if c.logprobs is not None else None))
+        reqs = [c.request for c in parent.children]
         metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
-                                 first.finished_time, sum(c.request.num_preemptions for c in parent.children))
+                                 first.finished_time, sum(r.num_preemptions for r in reqs),
+                                 sum(r.num_spec_steps for r in reqs), sum(r.num_spec_accepted for r in reqs))
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
                              parent.finished, metrics, max(first.num_cached_tokens, 0), deltas)
 

@@ -85,8 +85,18 @@ def allocate_kv_cache(config: LlamaConfig, num_blocks: int, block_size: int, dty
 
     Zeroed, not empty: attention backends may read (masked) padding slots, and 0 * NaN is NaN."""
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_hidden_layers)]
+
+
+def _zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """On CPU, numpy's calloc gets zero pages from the OS without writing them, so a 4 GiB cache
+    costs neither a multi-second memset at start-up nor resident memory until it is used."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(shape, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]))
+    return raw.view(dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, float]:
