@@ -23,7 +23,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/spruce chat
+	$(VENV)/bin/spruce serve
 
 # The default suite (CI). Tests that load the real model are included; they take seconds.
 test: setup

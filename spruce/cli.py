@@ -1,4 +1,4 @@
-"""`spruce generate | chat | bench`."""
+"""`spruce serve | generate | chat | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -54,9 +54,19 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from spruce.server.serve import serve
+    return serve(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="spruce", description="Spruce LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (vLLM's flags and metrics)")
+    from spruce.server.serve import add_serve_args
+    add_serve_args(s)
+    s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate completions for prompts (arguments or stdin lines)")
     add_engine_args(g)
@@ -72,14 +82,18 @@ def main(argv=None) -> int:
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=_chat)
 
-    b = sub.add_parser("bench", help="benchmarks: throughput (W1), latency (W2)")
+    b = sub.add_parser("bench", help="benchmarks: throughput (W1), latency (W2), serve (W3)")
     from spruce.bench.cli import add_bench_subcommands
     add_bench_subcommands(b)
+
+    d = sub.add_parser("distill", help="train a small draft model for speculative decoding")
+    from spruce.spec.distill import add_distill_args
+    add_distill_args(d)
 
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"spruce: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,6 @@
 """`spruce bench throughput` (W1) and `spruce bench latency` (W2): Spruce and its peers on the same
-token ids in one invocation, each side's numbers and the ratios."""
+token ids in one invocation, each side's numbers and the ratios. `spruce bench serve` (W3) is the
+online benchmark against a running server (spruce/bench/serve.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,11 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--max-tokens", type=int, default=None, help="override output length (smoke runs)")
         p.add_argument("--output-json", default=None, help="write all results here")
         p.set_defaults(func=_run, workload=workload)
+    from spruce.bench.spec import add_spec_bench
+    add_spec_bench(sub)
+    from spruce.bench.serve import add_serve_bench_args
+    add_serve_bench_args(sub.add_parser("serve", help="online serving against a running server "
+                                        "(`vllm bench serve` flags and result keys)"))
 
 
 def _commit() -> str:
