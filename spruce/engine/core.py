@@ -183,6 +183,8 @@ class EngineCore:
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
         child_ids = [c for rid in request_ids for c in self.output_processor.child_ids(rid)]
         aborted = self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        if self.proposer is not None:
+            self.proposer.on_finished([r.request_id for r in aborted])
         outputs, _ = self.output_processor.process([], {}, aborted)
         return outputs
 
@@ -220,4 +222,7 @@ class EngineCore:
         updated = self.scheduler.update_from_output(scheduled, model_output.sampled)
         outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.proposer is not None:   # drop draft state (draft KV) of finished/preempted requests
+            self.proposer.on_finished([r.request_id for r in updated if r.is_finished]
+                                      + [r.request_id for r in scheduled.preempted])
         return outputs
