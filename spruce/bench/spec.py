@@ -113,7 +113,8 @@ def run(args) -> int:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for mode in modes:
             llm = LLM(_loaded=loaded, speculative_config=_config(mode, args.draft),
-                      **{k: v for k, v in kwargs.items() if k not in ("model", "dtype", "device", "tokenizer")})
+                      **{k: v for k, v in kwargs.items()
+                         if k not in ("model", "dtype", "device", "tokenizer", "speculative_config")})
             _run_mode(llm, prompts[:min(batch, 2)], kinds, batch, 8)  # warm-up
             r = _run_mode(llm, prompts, kinds, batch, args.max_tokens)
             base = results.get(("none", batch))

@@ -63,6 +63,10 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_accepted: int = 0  # "add" commands the engine has processed (see AsyncEngine.num_waiting)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: tuple = ()
 
 
 @dataclass
@@ -100,8 +104,11 @@ def _to_delta(out) -> RequestDelta:
 
 def _stats(engine, accepted: int) -> EngineStats:
     s, kv = engine.scheduler, engine.kv_manager
+    spec = engine.spec_stats
     return EngineStats(s.num_running, s.num_waiting, kv.usage, kv.prefix_cache_queries, kv.prefix_cache_hits,
-                       s.stats.num_preemptions, s.stats.num_prompt_tokens, s.stats.num_generation_tokens, accepted)
+                       s.stats.num_preemptions, s.stats.num_prompt_tokens, s.stats.num_generation_tokens, accepted,
+                       spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
+                       tuple(spec.num_accepted_tokens_per_pos))
 
 
 def _load(config: EngineConfig):

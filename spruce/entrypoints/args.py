@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--speculative-config", default=None,
+                   help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                        '\'{"method": "draft_model", "model": DIR, "tree": "specinfer"}\'')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -35,7 +38,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
-                scheduling_policy=args.scheduling_policy, seed=args.seed, num_threads=args.num_threads)
+                scheduling_policy=args.scheduling_policy, seed=args.seed, num_threads=args.num_threads,
+                speculative_config=args.speculative_config)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
