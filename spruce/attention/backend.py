@@ -38,17 +38,16 @@ class AttentionBackend(ABC):
 
 
 def get_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """The torch backend, unless $SPRUCE_ATTENTION_BACKEND=native asks for the native CPU
-    paged-attention op (spruce.attention._build); `native` raises if the op cannot be had rather
-    than silently falling back. Native becomes the CPU default once the end-to-end invariant suite
-    and the W1/W2 benchmarks have been run with it."""
+    """The best backend available for `device`: on CPU the native paged-attention op when it
+    builds (spruce.attention._build), else the torch one. $SPRUCE_ATTENTION_BACKEND=torch|native
+    forces a choice; `native` raises if the op cannot be had rather than silently falling back."""
     from spruce.attention.torch_ref import TorchAttentionBackend
     choice = os.environ.get("SPRUCE_ATTENTION_BACKEND", "").strip().lower()
     if choice not in ("", "auto", "torch", "native"):
         raise ValueError(f"SPRUCE_ATTENTION_BACKEND={choice!r}: expected torch or native")
     if choice == "torch":
         return TorchAttentionBackend()
-    if choice == "native":
+    if torch.device(device).type == "cpu" or choice == "native":
         from spruce.attention._build import load_error, load_native_ops
         ops = load_native_ops()
         if ops is not None:

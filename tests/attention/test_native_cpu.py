@@ -324,7 +324,7 @@ def test_backend_falls_back_for_unsupported_cache(native):
 def test_get_attention_backend_choice(ops, monkeypatch):
     from spruce.attention.native_cpu import NativeCPUAttentionBackend
     monkeypatch.delenv("SPRUCE_ATTENTION_BACKEND", raising=False)
-    assert type(get_attention_backend("cpu")) is TorchAttentionBackend  # native is opt-in for now
+    assert isinstance(get_attention_backend("cpu"), NativeCPUAttentionBackend)
     monkeypatch.setenv("SPRUCE_ATTENTION_BACKEND", "torch")
     be = get_attention_backend("cpu")
     assert type(be) is TorchAttentionBackend
