@@ -27,4 +27,4 @@ run: setup
 
 # The default suite (CI). Tests that load the real model are included; they take seconds.
 test: setup
-	$(VENV)/bin/python -m pytest tests -x -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests -x -p no:cacheprovider
