@@ -220,7 +220,9 @@ class Sampler:
                 logits.index_put_((rows, ids), -md.frequency_penalty[rows], accumulate=True)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Temperature, min-p and top-k/top-p applied in place; returns the (possibly unnormalized)
+        distribution every random row is drawn from. Speculative verification uses it too."""
         if md.temperature is not None:
             logits.div_(md.temperature)
         if md.min_p is not None:
@@ -235,6 +237,11 @@ class Sampler:
             elif md.top_k is not None:
                 logits = _apply_top_k_only(logits, md.top_k, md.max_top_k)
             probs = logits.softmax(-1)
+        return probs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        probs = Sampler.probs(logits, md)
         # Exponential race: argmax(p / q), q ~ Exp(1), is an exact sample from p with no host sync
         # (p need not be normalized).
         # q = -log(u) via uniform_+log_ is ~4x cheaper on CPU than exponential_; keeping log(u)

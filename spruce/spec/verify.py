@@ -35,8 +35,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from spruce.engine.sampler import (_TOP_P_CANDIDATES, Sampler, SamplingMetadata, _apply_top_k_only,
-                                   _top_k_top_p_partial, _top_k_top_p_sorted)
+from spruce.engine.sampler import Sampler, SamplingMetadata
 from spruce.request import Request
 from spruce.spec.tree import TokenTree
 
@@ -75,7 +74,7 @@ def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """[rows, V] float32: the distribution the Sampler would draw each row from, after every
     processing stage (min_tokens, logit_bias, penalties, temperature, min-p, top-k/top-p);
     greedy rows get the one-hot of their argmax. Does not modify `logits`.
-    The temperature and min-p lines mirror Sampler._sample, which does them inline."""
+    """
     assert logits.dim() == 2 and logits.shape[0] == md.num_rows
     logits = logits.float().clone()
     Sampler._apply_bias_and_penalties(logits, md)
@@ -83,19 +82,8 @@ def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits.argmax(-1), logits.shape[-1]).float()
     if md.all_greedy:
         return greedy
-    if md.temperature is not None:
-        logits.div_(md.temperature)
-    if md.min_p is not None:
-        logits.masked_fill_(logits < logits.amax(-1, keepdim=True) + md.min_p, float("-inf"))
-    if md.top_p is not None and logits.device.type == "cpu" and md.vocab_size > _TOP_P_CANDIDATES:
-        probs = _top_k_top_p_partial(logits, md.top_k, md.top_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    else:
-        if md.top_p is not None:
-            logits = _top_k_top_p_sorted(logits, md.top_k, md.top_p)
-        elif md.top_k is not None:
-            logits = _apply_top_k_only(logits, md.top_k, md.max_top_k)
-        probs = logits.softmax(-1)
+    probs = Sampler.probs(logits, md)
+    probs = probs / probs.sum(-1, keepdim=True)
     return probs if greedy is None else torch.where(md.greedy_mask.unsqueeze(1), greedy, probs)
 
 
