@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "spruce_native_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "paged_attention.cpp"]
+SOURCES = [CSRC / "paged_attention.cpp", CSRC / "skinny_gemm.cpp"]
+HEADERS = [CSRC / "skinny_gemm.h"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -60,7 +61,7 @@ def cflags() -> list[str]:
 
 def _key(flags: list[str]) -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())

@@ -68,13 +68,20 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
                 and q.dtype in _DTYPES and q.stride(-1) == 1
                 and key_cache.is_contiguous() and value_cache.is_contiguous())
 
+    def _write_kv(self, k, v, key_cache, value_cache, slot_mapping) -> None:
+        if (k.dtype == v.dtype == key_cache.dtype and slot_mapping.dtype == torch.int64
+                and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))):
+            self.ops.write_kv(key_cache, value_cache, k, v, slot_mapping)
+        else:
+            self.write_kv(k, v, key_cache, value_cache, slot_mapping)
+
     def forward(self, q, k, v, key_cache, value_cache, md: AttentionMetadata, scale: float):
         if not self.supports(q, key_cache, value_cache):
             return super().forward(q, k, v, key_cache, value_cache, md, scale)
         plan = md.__dict__.get("_native_plan")
         if plan is None:
             plan = md.__dict__["_native_plan"] = self._build_plan(md)
-        self.write_kv(k, v, key_cache, value_cache, md.slot_mapping)
+        self._write_kv(k, v, key_cache, value_cache, md.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype)
         if plan.decode:
             self.ops.paged_attention_decode(out, q, key_cache, value_cache, plan.block_tables,

@@ -16,6 +16,8 @@
 // torch has already loaded, so torch.set_num_threads governs this op too.
 #include <torch/extension.h>
 
+#include "skinny_gemm.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -682,6 +684,40 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor
 
 }  // namespace
 
+// key_cache/value_cache [num_blocks, block_size, Hkv, D] at flat slots slot_mapping[t] <- k/v[t].
+// One memcpy per token and tensor, on the calling thread: a decode step writes a few KB, and
+// torch's index_copy_ spent ~0.4 ms a call on it (TensorIterator set-up and thread fork).
+void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "write_kv: caches must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.device().is_cpu(), "write_kv: slot_mapping must be a 1-D int64 CPU tensor");
+  const int64_t t = slot_mapping.size(0);
+  const int64_t row = key_cache.size(2) * key_cache.size(3);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t es = key_cache.element_size();
+  for (const at::Tensor* src : {&k, &v}) {
+    TORCH_CHECK(src->scalar_type() == key_cache.scalar_type(), "write_kv: k/v dtype must match the cache");
+    TORCH_CHECK(src->dim() == 3 && src->size(0) == t && src->size(1) * src->size(2) == row &&
+                    src->stride(2) == 1 && src->stride(1) == src->size(2),
+                "write_kv: k/v must be [T, Hkv, D] with contiguous rows");
+  }
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == key_cache.scalar_type(),
+              "write_kv: key and value caches differ");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i)
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "write_kv: slot ", slots[i], " out of range");
+  auto* kc = static_cast<char*>(key_cache.data_ptr());
+  auto* vc = static_cast<char*>(value_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * es, vs = v.stride(0) * es, bytes = row * es;
+  for (int64_t i = 0; i < t; ++i) {
+    std::memcpy(kc + slots[i] * bytes, kp + i * ks, bytes);
+    std::memcpy(vc + slots[i] * bytes, vp + i * vs, bytes);
+  }
+}
+
 void paged_attention_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale) {
@@ -711,6 +747,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[B,H,D] = attention of q[B,H,D] (one token per request) over the paged KV cache");
   m.def("paged_attention_varlen", &paged_attention_varlen,
         "out[T,H,D] = causal attention of flat q[T,H,D] over the paged KV cache");
+  m.def("write_kv", &write_kv, "key/value_cache[slot_mapping[t]] = k/v[t] (flat slots)");
   m.def("has_avx2", &has_avx2, "whether the AVX2 kernels were compiled in");
   m.def("set_force_scalar", &set_force_scalar, "use the portable kernels (tests)");
+  m.def("skinny_linear", &skinny_linear,
+        "out[m,n] = x[m,k] @ w[n,k]^T (+ bias), fp32, streaming w once (decode-sized m)",
+        py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+        py::arg("force_scalar") = false);
+  m.def("skinny_gemm_has_avx2", &skinny_gemm_has_avx2);
 }

