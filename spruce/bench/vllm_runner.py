@@ -21,7 +21,6 @@ import importlib.metadata as _md
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -187,7 +186,8 @@ def main(argv: list[str]) -> int:
     if return_ids and last is not None:
         result["output_token_ids"] = [list(o.outputs[0].token_ids) for o in last]
     rss = _rss_hwm_mb_tree()
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec (the parent's RSS at the fork).
+    result["peak_rss_mb"] = round(rss["self"], 1)
     result["peak_rss_engine_procs_mb"] = round(rss["descendants"], 1)   # vLLM's EngineCore process(es)
     result["peak_rss_total_mb"] = round(rss["self"] + rss["descendants"], 1)
 

@@ -78,9 +78,8 @@ class PagedDraftProposer(Proposer):
         self.vocab_size = target.vocab_size
         self.max_model_len = target.max_model_len
         self.expansion = list(config.tree) if config.tree else [1] * config.num_speculative_tokens
-        # Beam drafting (build_by_beam): read when SpeculativeConfig grows these fields.
-        self.beam_width = getattr(config, "beam_width", None)
-        self.max_tree_nodes = getattr(config, "max_tree_nodes", None)
+        self.beam_width = config.beam_width
+        self.max_tree_nodes = config.max_tree_nodes
         self.depth = len(self.expansion)
         if self.beam_width:
             self.max_nodes = self.beam_width * self.depth          # non-root nodes

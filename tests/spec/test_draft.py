@@ -80,11 +80,9 @@ def test_greedy_is_lossless(make_llm, reference, drafts, config, batch):
 
 
 def test_beam_and_merged_drafts_are_lossless(make_llm, reference, drafts):
-    from spruce.config import SpeculativeConfig
-    # Beam drafting (build_by_beam): SpeculativeConfig has no beam fields yet; the proposer
-    # reads `beam_width` / `max_tree_nodes` when present.
-    beam = SpeculativeConfig(method="draft_model", model=drafts["full"], num_speculative_tokens=3)
-    beam.beam_width, beam.max_tree_nodes = 2, 6
+    # Beam drafting (build_by_beam), configured as the CLI's JSON would be.
+    beam = {"method": "draft_model", "model": drafts["full"], "num_speculative_tokens": 3,
+            "beam_width": 2, "max_tree_nodes": 6}
     merged = {"method": "merged", "tree": [2, 1, 1], "methods": [
         {"method": "draft_model", "model": drafts["small"]},
         {"method": EE, "num_early_exit_layers": 29}]}

@@ -91,3 +91,11 @@ def test_bad_speculative_config():
         SpeculativeConfig.parse({"method": "ngram", "bogus": 1})
     with pytest.raises(ValueError, match="JSON"):
         SpeculativeConfig.parse("{not json")
+    with pytest.raises(ValueError, match="beam_width"):
+        SpeculativeConfig.parse({"method": "early_exit", "beam_width": 0})
+    with pytest.raises(ValueError, match="beam_width too"):
+        SpeculativeConfig.parse({"method": "early_exit", "max_tree_nodes": 8})
+    with pytest.raises(ValueError, match="max_tree_nodes"):
+        SpeculativeConfig.parse({"method": "early_exit", "beam_width": 2, "max_tree_nodes": 1})
+    beam = SpeculativeConfig.parse('{"method": "early_exit", "beam_width": 3, "max_tree_nodes": 9}')
+    assert (beam.beam_width, beam.max_tree_nodes) == (3, 9)
