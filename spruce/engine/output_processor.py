@@ -101,13 +101,17 @@ class OutputProcessor:
         return outputs, stopped
 
     def _add_logprobs(self, child: _Child, entries: list) -> None:
+        # Without detokenization (as in vLLM) the tokens' texts are left out too: decoding every
+        # top-k token is most of the cost of logprobs=20 over a long generation (spruce distill).
+        decode = child.detokenizer is not None
         for ids, vals in entries:
             d = {}
             for rank, (tid, val) in enumerate(zip(ids, vals)):
                 if rank > 0 and tid in d:
                     d[tid].rank = rank
                     continue
-                d[tid] = Logprob(val, rank if rank > 0 else None, self.tokenizer.decode([tid], skip_special_tokens=False))
+                d[tid] = Logprob(val, rank if rank > 0 else None,
+                                 self.tokenizer.decode([tid], skip_special_tokens=False) if decode else None)
             child.logprobs.append(d)
             child.cumulative_logprob += vals[0]
 

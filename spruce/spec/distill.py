@@ -222,7 +222,8 @@ def generate_corpus(llm, prompts: list[dict], max_tokens: int, temperature: floa
             ids = tok.encode(tok.apply_chat_template(p["messages"], add_generation_prompt=True),
                              add_special_tokens=False)
             params = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens,
-                                    logprobs=top_k, seed=(seed * samples_per_prompt + r) * 100_003 + i)
+                                    logprobs=top_k, seed=(seed * samples_per_prompt + r) * 100_003 + i,
+                                    detokenize=False)
             pending[eng.add_request(ids, params)] = i
     samples: list[Sample] = []
     t0, n_tok = time.perf_counter(), 0

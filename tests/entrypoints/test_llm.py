@@ -115,6 +115,14 @@ def test_logprobs(make_llm):
         assert tok in lp and len(lp) >= 5
         assert lp[tok].logprob == max(v.logprob for v in lp.values())  # greedy picks the top one
     assert c.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)))
+    assert all(isinstance(v.decoded_token, str) for lp in c.logprobs for v in lp.values())
+    # Without detokenization the same numbers come back, without the tokens' texts.
+    raw = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, logprobs=5, detokenize=False),
+                       use_tqdm=False)[0].outputs[0]
+    assert raw.token_ids == c.token_ids and raw.text == ""
+    for a, b in zip(raw.logprobs, c.logprobs):
+        assert {t: v.logprob for t, v in a.items()} == {t: v.logprob for t, v in b.items()}
+        assert all(v.decoded_token is None for v in a.values())
 
 
 @pytest.mark.parametrize("prompt, params, field", [
