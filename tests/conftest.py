@@ -23,3 +23,15 @@ def make_llm(smollm):
         engine_args.setdefault("kv_cache_memory", "256MiB")
         return LLM("smollm2-135m", _loaded=smollm, dtype="float32", **engine_args)
     return make
+
+
+@pytest.fixture(scope="session")
+def ops():
+    """The native CPU ops (spruce/csrc). Where a C++ compiler exists (CI has one) they must build:
+    their tests fail rather than skip when they do not, so a broken build cannot pass as skipped."""
+    from spruce.attention import _build
+    if _build._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    mod = _build.load_native_ops()
+    assert mod is not None, f"native ops failed to build: {_build.load_error()}"
+    return mod

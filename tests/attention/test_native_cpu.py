@@ -14,15 +14,6 @@ from spruce.attention.metadata import AttentionMetadata
 from spruce.attention.torch_ref import TorchAttentionBackend
 
 
-@pytest.fixture(scope="module")
-def ops():
-    if _build._compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
-    mod = _build.load_native_ops()
-    assert mod is not None, f"native ops failed to build: {_build.load_error()}"
-    return mod
-
-
 @pytest.fixture
 def native(ops):
     from spruce.attention.native_cpu import NativeCPUAttentionBackend

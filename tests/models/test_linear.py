@@ -7,17 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spruce.attention import _build
 from spruce.models.linear import SkinnyCPULinear, TorchLinear, get_linear
-
-
-@pytest.fixture(scope="module")
-def ops():
-    if _build._compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
-    mod = _build.load_native_ops()
-    assert mod is not None, f"native ops failed to build: {_build.load_error()}"
-    return mod
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 8), (3, 576, 1001), (4, 1536, 576),
