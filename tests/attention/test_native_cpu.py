@@ -12,6 +12,8 @@ from spruce.attention import _build
 from spruce.attention.backend import get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
 from spruce.attention.torch_ref import TorchAttentionBackend
+from spruce.spec.tree import TokenTree
+from tests.paged_runner import PagedRunner
 
 
 @pytest.fixture
@@ -83,6 +85,24 @@ class Batch:
         TorchAttentionBackend.write_kv(self.k, self.v, kc, vc, self.md.slot_mapping)
         return kc, vc
 
+    def run_op(self, ops, varlen=False, q=None):
+        """The op called directly (decode or varlen) into a NaN-filled output."""
+        kc, vc = self.op_inputs()
+        q = self.q if q is None else q
+        out = torch.full(self.q.shape, float("nan"), dtype=q.dtype)
+        if varlen:
+            ops.paged_attention_varlen(out, q, kc, vc, self.md.block_tables, self.md.seq_lens_t,
+                                       torch.tensor(self.md.query_start_loc), self.scale)
+        else:
+            ops.paged_attention_decode(out, q, kc, vc, self.md.block_tables, self.md.seq_lens_t,
+                                       self.scale)
+        return out
+
+
+def assert_op_matches_torch(ops, b: "Batch", varlen=False):
+    ref = b.run(TorchAttentionBackend())[0]
+    torch.testing.assert_close(b.run_op(ops, varlen), ref, atol=1e-5, rtol=1e-5)
+
 
 def assert_matches_torch(b: Batch, backend, atol=1e-5, rtol=1e-5):
     ref, kref, vref = b.run(TorchAttentionBackend())
@@ -112,42 +132,25 @@ def decode_lens(batch):
 @pytest.mark.parametrize("batch", [1, 64])
 def test_decode_op_matches_torch(ops, batch, h, hkv, d):
     b = Batch(decode_lens(batch), [1] * batch, h, hkv, d, seed=batch + h + d)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.full_like(b.q, float("nan"))
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b)
 
 
 @pytest.mark.parametrize("d", [64, 36])
 def test_decode_op_portable_kernel(ops, scalar, d):
     b = Batch(decode_lens(24), [1] * 24, 9, 3, d, bs=4, seed=7)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b)
 
 
 def test_head_dim_off_the_vector_width(ops):
     # 36 is not a multiple of 8 lanes: the op takes its portable kernel by itself
     b = Batch([30, 1, 17], [2, 1, 17], 6, 2, 36, seed=13)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_varlen(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t,
-                               torch.tensor(b.md.query_start_loc), b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b, varlen=True)
 
 
 def test_odd_block_size_and_head_dim_avx2(ops):
     # block_size 5: 8-token tiles straddle blocks; head_dim 40 is 5 lanes of 8 (no 32-wide chunk)
     b = Batch(decode_lens(20), [1] * 20, 6, 2, 40, bs=5, seed=3)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b)
 
 
 def test_long_context_is_split_across_threads(ops, threads):
@@ -155,28 +158,16 @@ def test_long_context_is_split_across_threads(ops, threads):
     # the partitions merged by log-sum-exp (flash-decoding).
     threads(4)
     b = Batch([3001, 1200], [1, 1], 9, 3, 64, seed=11)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b)
     # a long chunked-prefill tile whose later partitions lie past some of its queries
     b = Batch([2500], [5], 8, 2, 64, seed=12)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    ops.paged_attention_varlen(out := torch.empty_like(b.q), b.q, kc, vc, b.md.block_tables,
-                               b.md.seq_lens_t, torch.tensor(b.md.query_start_loc), b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b, varlen=True)
 
 
 def test_single_thread_matches(ops, threads):
     threads(1)
     b = Batch(decode_lens(64), [1] * 64, 9, 3, 64, seed=5)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -185,9 +176,7 @@ def test_decode_op_reduced_precision(ops, dtype):
     at least as close to an fp64 reference as the torch backend's bf16 SDPA does."""
     b = Batch(decode_lens(64), [1] * 64, 9, 3, 64, dtype=dtype, seed=9)
     ref, _, _ = b.run(TorchAttentionBackend())
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
+    out = b.run_op(ops)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     # fp64 over the same (rounded) inputs
@@ -225,23 +214,15 @@ def test_varlen_op_mixed_batch(ops, h, hkv, d):
     seq_lens = [45, 20, 300, 1, 33, 700, 12]
     query_lens = [13, 20, 1, 1, 0, 300, 12]
     b = Batch(seq_lens, query_lens, h, hkv, d, seed=h * d)
-    ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
-    out = torch.empty_like(b.q)
-    ops.paged_attention_varlen(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t,
-                               torch.tensor(b.md.query_start_loc), b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_op_matches_torch(ops, b, varlen=True)
 
 
 def test_op_accepts_strided_q(ops):
     # The model hands q as a view into its fused q|k buffer: rows strided, head_dim contiguous.
     b = Batch(decode_lens(16), [1] * 16, 9, 3, 64, seed=4)
     ref = b.run(TorchAttentionBackend())[0]
-    kc, vc = b.op_inputs()
     qk = torch.cat([b.q, torch.randn(16, 3, 64)], dim=1)
-    out = torch.empty_like(b.q)
-    ops.paged_attention_decode(out, qk[:, :9], kc, vc, b.md.block_tables, b.md.seq_lens_t, b.scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.run_op(ops, q=qk[:, :9]), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_op_rejects_bad_input(ops):
@@ -271,13 +252,7 @@ def test_backend_decode(native, h, hkv):
 
 
 def test_backend_mixed_batch_with_tree_masks(native):
-    parent = [-1, 0, 0, 1, 2]
-    anc = torch.zeros(5, 5, dtype=torch.bool)
-    for a in range(5):
-        p = a
-        while p >= 0:
-            anc[a, p] = True
-            p = parent[p]
+    anc = TokenTree(range(5), [-1, 0, 0, 1, 2]).ancestor_mask()
     seq_lens, query_lens = [30, 12, 50, 7, 9], [5, 1, 10, 7, 0]
     trees = [anc, None, None, None, None]
     b = Batch(seq_lens, query_lens, 9, 3, 64, tree_masks=trees, seed=8)
@@ -368,7 +343,7 @@ def test_build_directory_is_keyed(monkeypatch, tmp_path):
 # ---- the whole model ---------------------------------------------------------------------------
 
 def test_tiny_llama_logits_native_equal_torch(native):
-    from spruce.models.llama import LlamaConfig, LlamaForCausalLM, allocate_kv_cache
+    from spruce.models.llama import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=16,
@@ -383,7 +358,6 @@ def test_tiny_llama_logits_native_equal_torch(native):
             p.copy_(0.15 * torch.randn_like(p) + (1.0 if p.dim() == 1 else 0.0))
         models["native"].load_state_dict(models["torch"].state_dict())
 
-    bs = 4
     prompts = {"a": list(range(3, 40)), "b": [5, 9, 2, 77, 1], "c": [11] * 17}
     # one step: all prompts; a second: a's prompt continues as a chunk while b and c decode;
     # then decode steps
@@ -392,36 +366,11 @@ def test_tiny_llama_logits_native_equal_torch(native):
     schedule += [{"a": [i], "b": [i + 1], "c": [i + 2]} for i in range(6)]
     logits = {}
     for name, model in models.items():
-        kv = allocate_kv_cache(cfg, 64, bs, torch.float32, "cpu")
-        free = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
-        blocks, lens, outs = {}, {}, []
-        for chunks in schedule:
-            ids, pos, slots, qsl, seq_lens, qlens, tables = [], [], [], [0], [], [], []
-            for rid, toks in chunks.items():
-                start = lens.get(rid, 0)
-                end = start + len(toks)
-                bl = blocks.setdefault(rid, [])
-                while len(bl) * bs < end:
-                    bl.append(free.pop())
-                ids += toks
-                pos += range(start, end)
-                slots += [bl[p // bs] * bs + p % bs for p in range(start, end)]
-                qsl.append(qsl[-1] + len(toks))
-                seq_lens.append(end)
-                qlens.append(len(toks))
-                tables.append(bl)
-                lens[rid] = end
-            width = max(len(t) for t in tables)
-            md = AttentionMetadata(
-                num_tokens=len(ids), query_start_loc=qsl, seq_lens=seq_lens, query_lens=qlens,
-                block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-                slot_mapping=torch.tensor(slots), block_size=bs, seq_lens_t=torch.tensor(seq_lens))
-            with torch.inference_mode():
-                hidden = model(torch.tensor(ids), torch.tensor(pos), kv, md)
-                outs.append(model.compute_logits(hidden))
-        logits[name] = outs
+        run = PagedRunner(model, cfg)
+        logits[name] = [run.step(chunks) for chunks in schedule]
     for a, b in zip(logits["torch"], logits["native"]):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        for rid in a:
+            torch.testing.assert_close(b[rid], a[rid], atol=1e-4, rtol=1e-4)
 
 
 def test_write_kv_matches_index_copy(ops, native):

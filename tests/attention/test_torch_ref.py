@@ -5,6 +5,7 @@ import torch
 from spruce.attention.backend import get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
 from spruce.attention.torch_ref import TorchAttentionBackend
+from spruce.spec.tree import TokenTree
 
 BS = 4
 
@@ -104,13 +105,7 @@ def test_mixed_batch_prefill_chunk_fresh_prompt_and_decode():
 
 def test_tree_mask_is_honored():
     # 5 tree tokens after a 7-token prefix: 0 is the root, 1 and 2 its children, 3 child of 1, 4 child of 2
-    parent = [-1, 0, 0, 1, 2]
-    anc = torch.zeros(5, 5, dtype=torch.bool)
-    for a in range(5):
-        b = a
-        while b >= 0:
-            anc[a, b] = True
-            b = parent[b]
+    anc = TokenTree(range(5), [-1, 0, 0, 1, 2]).ancestor_mask()
     sc = Scenario([12, 5], [5, 1], tree_masks=[anc, None])
     assert not sc.md.is_pure_decode
     out = sc.run()
