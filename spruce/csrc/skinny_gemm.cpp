@@ -82,14 +82,6 @@ void gemm_range(const float* x, int64_t m, int64_t ldx, const float* w, int64_t 
 
 }  // namespace
 
-bool skinny_gemm_has_avx2() {
-#ifdef SPRUCE_GEMM_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
-
 // out[m, n] = x[m, k] @ w[n, k]^T (+ bias). fp32 CPU tensors; x rows and w contiguous in k.
 void skinny_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                    const c10::optional<at::Tensor>& bias, bool force_scalar) {

@@ -2,6 +2,5 @@
 #pragma once
 #include <torch/extension.h>
 
-bool skinny_gemm_has_avx2();
 void skinny_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                    const c10::optional<at::Tensor>& bias, bool force_scalar);

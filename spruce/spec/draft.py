@@ -231,7 +231,7 @@ class PagedDraftProposer(Proposer):
         """[rows, V] float32 draft logits; -inf outside a reduced head's vocabulary."""
         if self.head_ids is None:
             return self.model.compute_logits(hidden)
-        small = torch.nn.functional.linear(hidden, self.head_weight).float()
+        small = self.model.linear(hidden, self.head_weight).float()
         full = torch.full((hidden.shape[0], self.vocab_size), -math.inf, device=hidden.device)
         full[:, self.head_ids] = small
         return full
