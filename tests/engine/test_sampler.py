@@ -71,6 +71,15 @@ def test_top_k_support_and_renormalized():
     assert (got - want).abs().max() < 0.02
 
 
+def test_draw_never_leaves_the_support_at_the_vocab_edges():
+    # Inverse-CDF edge cases: the only live tokens sit first and last in a large vocabulary.
+    V, n = 49152, 2000
+    logits = torch.full((V,), float("-inf"))
+    logits[0] = logits[V - 1] = 0.0
+    got = sample(logits.expand(n, -1), [req()] * n).sampled_token_ids
+    assert set(got.tolist()) <= {0, V - 1} and 0.4 < (got == 0).float().mean() < 0.6
+
+
 def test_top_p_support_and_renormalized():
     logits = torch.tensor([0.1, 0.4, 0.2, 0.3]).log()
     got = empirical(logits, top_p=0.6)  # smallest set reaching 0.6: {0.4, 0.3}
