@@ -756,4 +756,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[m,n] = x[m,k] @ w[n,k]^T (+ bias), fp32, streaming w once (decode-sized m)",
         py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         py::arg("force_scalar") = false);
+  m.def("quant_linear", &quant_linear,
+        "out[m,n] = x[m,k] @ dequant(w)[n,k]^T (+ bias) for GGUF Q4_1 (format 0) / Q8_0 (format 1) blocks",
+        py::arg("out"), py::arg("x"), py::arg("format"), py::arg("qs"), py::arg("scale"),
+        py::arg("min") = py::none(), py::arg("bias") = py::none(), py::arg("force_scalar") = false);
 }

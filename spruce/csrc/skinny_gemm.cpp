@@ -11,7 +11,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,14 +36,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Rows [r0, r0 + 4) of w against query rows [i0, i0 + MB); k % 8 == 0.
+// A 4-row weight tile (row-major, k apart; output columns [r0, r0 + 4)) against query rows
+// [0, MB); k % 8 == 0.
 template <int MB>
-inline void tile4(const float* x, int64_t ldx, const float* w, int64_t k, float* y, int64_t ldy,
+inline void tile4(const float* x, int64_t ldx, const float* w0, int64_t k, float* y, int64_t ldy,
                   int64_t r0) {
   __m256 acc[MB][kRowsPerTile];
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < kRowsPerTile; ++r) acc[i][r] = _mm256_setzero_ps();
-  const float* w0 = w + r0 * k;
   for (int64_t c = 0; c < k; c += 8) {
     __m256 wv[kRowsPerTile];
     for (int r = 0; r < kRowsPerTile; ++r) wv[r] = _mm256_loadu_ps(w0 + r * k + c);
@@ -61,23 +63,140 @@ inline float dot_scalar(const float* a, const float* b, int64_t k) {
   return s;
 }
 
+// Every query row against one 4-row tile.
+inline void run_tile(const float* x, int64_t m, int64_t ldx, const float* w_tile, int64_t k, float* y,
+                     int64_t ldy, int64_t r0) {
+#ifdef SPRUCE_GEMM_AVX2
+  int64_t i = 0;
+  for (; i + kQueryGroup <= m; i += kQueryGroup)
+    tile4<kQueryGroup>(x + i * ldx, ldx, w_tile, k, y + i * ldy, ldy, r0);
+  if (m - i == 2) tile4<2>(x + i * ldx, ldx, w_tile, k, y + i * ldy, ldy, r0);
+  if (m - i == 1) tile4<1>(x + i * ldx, ldx, w_tile, k, y + i * ldy, ldy, r0);
+#endif
+}
+
 // Output columns [n0, n1) for every query row.
 void gemm_range(const float* x, int64_t m, int64_t ldx, const float* w, int64_t k, float* y,
                 int64_t ldy, int64_t n0, int64_t n1, bool vector_ok) {
   int64_t r = n0;
 #ifdef SPRUCE_GEMM_AVX2
-  if (vector_ok) {
-    for (; r + kRowsPerTile <= n1; r += kRowsPerTile) {
-      int64_t i = 0;
-      for (; i + kQueryGroup <= m; i += kQueryGroup)
-        tile4<kQueryGroup>(x + i * ldx, ldx, w, k, y + i * ldy, ldy, r);
-      if (m - i == 2) tile4<2>(x + i * ldx, ldx, w, k, y + i * ldy, ldy, r);
-      if (m - i == 1) tile4<1>(x + i * ldx, ldx, w, k, y + i * ldy, ldy, r);
-    }
-  }
+  if (vector_ok)
+    for (; r + kRowsPerTile <= n1; r += kRowsPerTile) run_tile(x, m, ldx, w + r * k, k, y, ldy, r);
 #endif
   for (; r < n1; ++r)
     for (int64_t i = 0; i < m; ++i) y[i * ldy + r] = dot_scalar(x + i * ldx, w + r * k, k);
+}
+
+// ---- block-quantized weights (GGUF Q4_1 / Q8_0, blocks of 32 along k) ----------------------
+//
+// A linear whose weight came from a quantized GGUF reads the blocks (4.5-6 bits a weight instead
+// of 32) and dequantizes one 4-row tile at a time into an L1 scratch, which then runs through
+// the same tile code as fp32. Every dequantized value is d*q (+ m) rounded once -- d*q is exact
+// in fp32 (11-bit d times a 4- or 8-bit q) -- which is exactly what the loader's dequantization
+// stored in the fp32 weight, so the result is bit-identical to skinny_linear on that weight.
+
+constexpr int64_t kQBlock = 32;
+enum QuantFormat { kQ4_1 = 0, kQ8_0 = 1 };
+
+struct QuantWeight {
+  int format;
+  const uint8_t* qs;    // Q4_1: [n, k/2] (per block: low nibbles = 0..15, high = 16..31); Q8_0: int8 [n, k]
+  const float* scale;   // [n, k/32]
+  const float* minv;    // Q4_1: [n, k/32]; Q8_0: unused
+  int64_t k;
+};
+
+void dequant_row_scalar(const QuantWeight& q, int64_t row, float* dst) {
+  const int64_t nb = q.k / kQBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float d = q.scale[row * nb + b];
+    float* o = dst + b * kQBlock;
+    if (q.format == kQ4_1) {
+      const uint8_t* p = q.qs + row * (q.k / 2) + b * 16;
+      const float mn = q.minv[row * nb + b];
+      for (int j = 0; j < 16; ++j) {
+        o[j] = std::fma(d, float(p[j] & 0x0F), mn);
+        o[j + 16] = std::fma(d, float(p[j] >> 4), mn);
+      }
+    } else {
+      const int8_t* p = reinterpret_cast<const int8_t*>(q.qs) + row * q.k + b * kQBlock;
+      for (int j = 0; j < kQBlock; ++j) o[j] = d * float(p[j]);
+    }
+  }
+}
+
+#ifdef SPRUCE_GEMM_AVX2
+void dequant_row_avx2(const QuantWeight& q, int64_t row, float* dst) {
+  const int64_t nb = q.k / kQBlock;
+  if (q.format == kQ4_1) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
+      const __m256 mn = _mm256_set1_ps(q.minv[row * nb + b]);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.qs + row * (q.k / 2) + b * 16));
+      const __m128i lo = _mm_and_si128(bytes, low4);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      float* o = dst + b * kQBlock;
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+        _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(d, v, mn));
+      }
+    }
+  } else {
+    const int8_t* base = reinterpret_cast<const int8_t*>(q.qs) + row * q.k;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
+      float* o = dst + b * kQBlock;
+      for (int j = 0; j < 4; ++j) {
+        const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + b * kQBlock + 8 * j));
+        _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8))));
+      }
+    }
+  }
+}
+#endif
+
+void quant_gemm_range(const float* x, int64_t m, int64_t ldx, const QuantWeight& q, float* y, int64_t ldy,
+                      int64_t n0, int64_t n1, bool vector_ok, float* scratch) {
+  const int64_t k = q.k;
+  int64_t r = n0;
+#ifdef SPRUCE_GEMM_AVX2
+  if (vector_ok) {
+    for (; r + kRowsPerTile <= n1; r += kRowsPerTile) {
+      for (int t = 0; t < kRowsPerTile; ++t) dequant_row_avx2(q, r + t, scratch + t * k);
+      run_tile(x, m, ldx, scratch, k, y, ldy, r);
+    }
+  }
+#endif
+  for (; r < n1; ++r) {
+    dequant_row_scalar(q, r, scratch);
+    for (int64_t i = 0; i < m; ++i) y[i * ldy + r] = dot_scalar(x + i * ldx, scratch, k);
+  }
+}
+
+int threads_for(int64_t n, int64_t k) {
+#ifdef _OPENMP
+  // Below ~256 KiB of fp32 weight the fork/join costs more than a second thread saves.
+  if (n * k >= (1 << 16)) return std::max(1, at::get_num_threads());
+#endif
+  return 1;
+}
+
+// Contiguous, tile-aligned ranges: one sequential weight stream per thread.
+inline void thread_range(int64_t n, int t, int T, int64_t* a, int64_t* b) {
+  const int64_t tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
+  *a = std::min(n, tiles * t / T * kRowsPerTile);
+  *b = std::min(n, tiles * (t + 1) / T * kRowsPerTile);
+}
+
+void check_xy(const at::Tensor& out, const at::Tensor& x, int64_t n, int64_t k, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op, ": float32 only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2, op, ": 2-D tensors");
+  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " columns, the weight has ", k);
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == n, op, ": out must be [", x.size(0), ", ", n, "]");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, op, ": x and out need unit stride along their last dim");
 }
 
 }  // namespace
@@ -85,41 +204,71 @@ void gemm_range(const float* x, int64_t m, int64_t ldx, const float* w, int64_t 
 // out[m, n] = x[m, k] @ w[n, k]^T (+ bias). fp32 CPU tensors; x rows and w contiguous in k.
 void skinny_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                    const c10::optional<at::Tensor>& bias, bool force_scalar) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu(),
-              "skinny_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat,
-              "skinny_linear: float32 only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "skinny_linear: 2-D tensors");
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  TORCH_CHECK(w.size(1) == k, "skinny_linear: x has ", k, " columns, w has ", w.size(1));
-  TORCH_CHECK(out.size(0) == m && out.size(1) == n, "skinny_linear: out must be [", m, ", ", n, "]");
-  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous() && out.stride(1) == 1,
-              "skinny_linear: x, w and out need unit stride along their last dim");
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2,
+              "skinny_linear: w must be a 2-D float32 CPU tensor");
+  const int64_t m = x.size(0), k = w.size(1), n = w.size(0);
+  check_xy(out, x, n, k, "skinny_linear");
+  TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
   const bool vector_ok = !force_scalar && (k % 8) == 0;
-  int nt = 1;
-#ifdef _OPENMP
-  // Below ~256 KiB of weight the fork/join costs more than a second thread saves.
-  if (n * k >= (1 << 16)) nt = std::max(1, at::get_num_threads());
-#endif
+  const int nt = threads_for(n, k);
   if (nt == 1) {
     gemm_range(xp, m, ldx, wp, k, yp, ldy, 0, n, vector_ok);
   } else {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
     {
-      const int t = omp_get_thread_num(), T = omp_get_num_threads();
-      // Contiguous, tile-aligned ranges: one sequential weight stream per thread.
-      const int64_t tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
-      const int64_t a = std::min(n, tiles * t / T * kRowsPerTile);
-      const int64_t b = std::min(n, tiles * (t + 1) / T * kRowsPerTile);
+      int64_t a, b;
+      thread_range(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
       gemm_range(xp, m, ldx, wp, k, yp, ldy, a, b, vector_ok);
     }
 #endif
+  }
+  if (bias.has_value() && bias->defined()) out.add_(bias->view({1, n}));
+}
+
+// out[m, n] = x[m, k] @ dequant(w)[n, k]^T (+ bias) for a block-quantized w (see QuantWeight).
+void quant_linear(at::Tensor out, const at::Tensor& x, int64_t format, const at::Tensor& qs,
+                  const at::Tensor& scale, const c10::optional<at::Tensor>& minv,
+                  const c10::optional<at::Tensor>& bias, bool force_scalar) {
+  TORCH_CHECK(format == kQ4_1 || format == kQ8_0, "quant_linear: format must be 0 (Q4_1) or 1 (Q8_0)");
+  TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1,
+              "quant_linear: qs must be a contiguous 2-D uint8/int8 CPU tensor");
+  const int64_t n = qs.size(0), k = format == kQ4_1 ? qs.size(1) * 2 : qs.size(1);
+  TORCH_CHECK(k % kQBlock == 0, "quant_linear: k (", k, ") must be a multiple of 32");
+  auto check_block_param = [&](const at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                    t.size(0) == n && t.size(1) == k / kQBlock,
+                "quant_linear: ", what, " must be a contiguous float32 [", n, ", ", k / kQBlock, "] tensor");
+  };
+  check_block_param(scale, "scale");
+  const bool has_min = minv.has_value() && minv->defined();
+  TORCH_CHECK(has_min == (format == kQ4_1), "quant_linear: Q4_1 needs min, Q8_0 takes none");
+  if (has_min) check_block_param(*minv, "min");
+  const int64_t m = x.size(0);
+  check_xy(out, x, n, k, "quant_linear");
+  QuantWeight q{int(format), reinterpret_cast<const uint8_t*>(qs.data_ptr()), scale.data_ptr<float>(),
+                has_min ? minv->data_ptr<float>() : nullptr, k};
+  const float* xp = x.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldy = out.stride(0);
+  const int nt = threads_for(n, k);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    int t = 0, T = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    T = omp_get_num_threads();
+#endif
+    int64_t a, b;
+    thread_range(n, t, T, &a, &b);
+    std::vector<float> scratch(kRowsPerTile * k);
+    quant_gemm_range(xp, m, ldx, q, yp, ldy, a, b, !force_scalar, scratch.data());
   }
   if (bias.has_value() && bias->defined()) out.add_(bias->view({1, n}));
 }

@@ -18,6 +18,7 @@ from torch import nn
 from spruce.attention.backend import AttentionBackend, get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
 from spruce.models.linear import TorchLinear, get_linear
+from spruce.models.quant import QuantWeight
 
 
 @dataclass
@@ -307,6 +308,32 @@ class LlamaForCausalLM(nn.Module):
             if missing:
                 raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
         return loaded
+
+    def attach_quantized(self, blocks: dict[str, QuantWeight]) -> int:
+        """Hand the linear op block-quantized copies of weights (HF name -> QuantWeight, e.g. a
+        GGUF's own blocks). A fused parameter gets one only when every piece of it has one, of
+        one format. Returns how many parameters got one."""
+        register = getattr(self.linear, "register_quantized", None)
+        if register is None:
+            return 0
+        pieces: dict[int, list] = {}
+        for name, q in blocks.items():
+            try:
+                dst, rows, _ = self._slot(name)
+            except KeyError:
+                raise ValueError(f"quantized weight for unknown parameter {name!r}") from None
+            if dst.dim() == 2:
+                pieces.setdefault(id(dst), [dst]).append((rows.start if rows else 0, q))
+        done = 0
+        for dst, *parts in pieces.values():
+            parts.sort(key=lambda p: p[0])
+            if len({p.format for _, p in parts}) != 1:
+                continue
+            q = QuantWeight.cat([p for _, p in parts]) if len(parts) > 1 else parts[0][1]
+            if q.shape == tuple(dst.shape):   # every row covered
+                register(dst, q)
+                done += 1
+        return done
 
     def expected_weights(self) -> list[str]:
         names = ["embed_tokens", "norm"] + ([] if self.lm_head is None else ["lm_head"])

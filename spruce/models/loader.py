@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from spruce.models import quant
 from spruce.models.llama import LlamaConfig, LlamaForCausalLM
 from spruce.models.registry import GGUF_ARCHITECTURES, get_model_class
 from spruce.models.resolve import ResolvedModel
@@ -221,14 +222,24 @@ def _load_gguf(path: Path, dtype, device, max_model_len) -> tuple[LlamaForCausal
         if _hf_name(t.name) is None:
             raise ValueError(f"{path.name}: unexpected GGUF tensor {t.name!r}")
 
+    # Quantized linears also keep their blocks when the model's linear op can read them.
+    keep_blocks = quant.enabled() and getattr(model.linear, "takes_quantized", False)
+    blocks: dict[str, quant.QuantWeight] = {}
+
     def convert(t: GGUFTensorInfo) -> tuple[str, torch.Tensor]:
         w = _dequantize(data, t)
+        q = quant.from_gguf_blocks(data[t.offset:t.offset + t.nbytes], t.qtype, t.shape) if keep_blocks else None
         if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
-            w = _unpermute_rows(w, config.num_attention_heads if ".attn_q." in t.name
-                                else config.num_key_value_heads)
+            n_head = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
+            w = _unpermute_rows(w, n_head)
+            q = q and q.map_rows(lambda r: _unpermute_rows(r, n_head))
+        if q is not None:
+            blocks[_hf_name(t.name)] = q
         return _hf_name(t.name), w
 
     model.load_weights(_progress(_prefetch(convert, todo), len(todo), f"loading {path.name}"))
+    if blocks:
+        model.attach_quantized(blocks)
     return model, config
 
 

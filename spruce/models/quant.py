@@ -1,0 +1,85 @@
+"""Block-quantized copies of linear weights that came quantized (GGUF Q4_1 / Q8_0).
+
+The default model ships as a GGUF whose linears are Q4_1 and whose embedding/head is Q8_0. The
+loader dequantizes them to the model's fp32 weights, and it also keeps the blocks, repacked for
+the native `quant_linear` op: decode-sized linears then read 5-6 bits a weight instead of 32,
+and since the op dequantizes each value exactly as the loader did (d*q is exact in fp32, then
+one rounding for + m), their outputs are bit-identical to the fp32 path's. Prefill-sized
+linears keep using the fp32 weight (MKL), where compute, not memory, is the bound.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+Q4_1, Q8_0 = 0, 1      # quant_linear's format codes
+BLOCK = 32
+_GGML_Q4_1, _GGML_Q8_0 = 3, 8   # GGMLQuantizationType values
+
+
+@dataclass
+class QuantWeight:
+    """[n, k] weight as blocks of 32 along k. Q4_1: qs uint8 [n, k/2] (per block: low nibbles are
+    values 0-15, high nibbles 16-31), scale and min fp32 [n, k/32]; Q8_0: qs int8 [n, k], scale."""
+    format: int
+    qs: torch.Tensor
+    scale: torch.Tensor
+    min: Optional[torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, c = self.qs.shape
+        return n, c * 2 if self.format == Q4_1 else c
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantWeight":
+        """The same row operation (e.g. a permutation) applied to every per-row tensor."""
+        return QuantWeight(self.format, fn(self.qs).contiguous(), fn(self.scale).contiguous(),
+                           None if self.min is None else fn(self.min).contiguous())
+
+    @staticmethod
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight":
+        """Row-wise concatenation (fused qkv / gate_up); all parts share a format and k."""
+        fmt = parts[0].format
+        if any(p.format != fmt or p.shape[1] != parts[0].shape[1] for p in parts):
+            raise ValueError("QuantWeight.cat needs parts of one format and width")
+        return QuantWeight(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.scale for p in parts]),
+                           None if fmt == Q8_0 else torch.cat([p.min for p in parts]))
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [n, k], with the loader's rounding (for tests and checks)."""
+        n, k = self.shape
+        if self.format == Q4_1:
+            b = self.qs.view(n, k // BLOCK, BLOCK // 2)
+            q = torch.cat((b & 0x0F, b >> 4), -1).float()
+            return (self.scale[..., None] * q + self.min[..., None]).view(n, k)
+        return (self.scale[..., None] * self.qs.view(n, k // BLOCK, BLOCK).float()).view(n, k)
+
+
+def enabled() -> bool:
+    """SPRUCE_QUANT_WEIGHTS=0 turns the quantized decode path off (A/B measurements)."""
+    v = os.environ.get("SPRUCE_QUANT_WEIGHTS", "1").lower()
+    if v not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"SPRUCE_QUANT_WEIGHTS must be 0 or 1, got {v!r}")
+    return v in ("1", "true", "on")
+
+
+def from_gguf_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Optional[QuantWeight]:
+    """Repack a GGUF tensor's raw bytes; None for types or shapes the op does not take."""
+    if len(shape) != 2 or ggml_type not in (_GGML_Q4_1, _GGML_Q8_0) or shape[1] % BLOCK:
+        return None
+    n, k = shape
+    nb = k // BLOCK
+    if ggml_type == _GGML_Q4_1:
+        b = np.asarray(raw).reshape(n, nb, 20)
+        scale = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        mins = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = np.ascontiguousarray(b[..., 4:]).reshape(n, nb * 16)
+        return QuantWeight(Q4_1, torch.from_numpy(qs), torch.from_numpy(scale), torch.from_numpy(mins))
+    b = np.asarray(raw).reshape(n, nb, 34)
+    scale = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k)
+    return QuantWeight(Q8_0, torch.from_numpy(qs), torch.from_numpy(scale), None)
