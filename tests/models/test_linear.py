@@ -82,3 +82,85 @@ def test_get_linear(monkeypatch, ops):
     monkeypatch.setenv("SPRUCE_LINEAR_BACKEND", "fast")
     with pytest.raises(ValueError, match="SPRUCE_LINEAR_BACKEND"):
         get_linear("cpu", torch.float32)
+
+
+# ---- block-quantized weights (quant_linear) ------------------------------------------------------
+
+def _gguf_blocks(qtype_name: str, n: int, k: int, seed: int):
+    """Random GGUF blocks of one type, and gguf-py's own dequantization of them."""
+    import numpy as np
+    gguf = pytest.importorskip("gguf")
+    from spruce.models.quant import from_gguf_blocks
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    deq = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, qtype)))
+    return from_gguf_blocks(raw.reshape(-1), int(qtype), (n, k)), deq
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (3, 64, 8), (5, 1536, 578), (16, 96, 33), (64, 32, 130)])
+@pytest.mark.parametrize("force_scalar", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quant_linear_is_bit_identical_to_the_dequantized_weight(ops, fmt, m, k, n, force_scalar, threads):
+    q, w = _gguf_blocks(fmt, n, k, seed=m + k + n)
+    assert torch.equal(q.dequantize(), w)    # the repacking keeps gguf-py's values
+    x, b = torch.randn(m, k), torch.randn(n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            got, want = torch.full((m, n), float("nan")), torch.full((m, n), float("nan"))
+            ops.quant_linear(got, x, q.format, q.qs, q.scale, q.min, bias, force_scalar)
+            ops.skinny_linear(want, x, w, bias, force_scalar)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_quant_weight_rows_and_bad_input(ops):
+    from spruce.models.quant import QuantWeight
+    a, wa = _gguf_blocks("Q4_1", 8, 64, seed=1)
+    b, wb = _gguf_blocks("Q4_1", 4, 64, seed=2)
+    assert torch.equal(QuantWeight.cat([a, b]).dequantize(), torch.cat([wa, wb]))
+    perm = torch.tensor([3, 1, 0, 2, 7, 6, 5, 4])
+    assert torch.equal(a.map_rows(lambda r: r[perm]).dequantize(), wa[perm])
+    c, _ = _gguf_blocks("Q8_0", 8, 64, seed=3)
+    with pytest.raises(ValueError, match="one format"):
+        QuantWeight.cat([a, c])
+    x, out = torch.randn(2, 64), torch.empty(2, 8)
+    with pytest.raises(RuntimeError, match="needs min"):
+        ops.quant_linear(out, x, a.format, a.qs, a.scale, None)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.quant_linear(out, torch.randn(2, 96), a.format, a.qs, a.scale, a.min)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        ops.quant_linear(out, x, a.format, a.qs, a.scale[:, :1].contiguous(), a.min)
+    with pytest.raises(RuntimeError, match="format"):
+        ops.quant_linear(out, x, 7, a.qs, a.scale, a.min)
+
+
+def test_dispatch_uses_a_registered_copy_until_the_weight_changes(ops):
+    q, w = _gguf_blocks("Q4_1", 16, 64, seed=4)
+    lin = SkinnyCPULinear(ops)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*a, **k):
+                calls.append(name)
+                return getattr(ops, name)(*a, **k)
+            return call
+    lin.ops = Spy()
+    with pytest.raises(ValueError, match="shape"):
+        lin.register_quantized(w[:8], q)
+    lin.register_quantized(w, q)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = lin(x, w)
+        assert calls == ["quant_linear"]
+        torch.testing.assert_close(first, F.linear(x, w), rtol=1e-5, atol=1e-4)
+        assert lin(x, w.clone()).shape == (3, 16) and calls[-1] == "skinny_linear"   # another tensor
+        w.mul_(2)   # written in place: the copy is stale
+        torch.testing.assert_close(lin(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert calls == ["quant_linear", "skinny_linear", "skinny_linear"]

@@ -87,7 +87,8 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_gguf(hf, arch: str, path):
-    """A GGUF as llama.cpp's converter lays it out (permuted q/k for llama, Q8_0 FFN weights).
+    """A GGUF as llama.cpp's converter lays it out (permuted q/k for llama, Q4_1 attention and
+    Q8_0 FFN weights, like the default model's file).
 
     Returns the HF state with the quantization round trip applied, to load back into the oracle."""
     import gguf
@@ -126,10 +127,16 @@ def _write_gguf(hf, arch: str, path):
         if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             n = c.num_attention_heads if ".attn_q." in gname else c.num_key_value_heads
             arr = _llama_cpp_permute(arr, n)
-        if "ffn_" in gname and arr.ndim == 2:
-            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            state[name] = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+        qtype = (gguf.GGMLQuantizationType.Q8_0 if "ffn_" in gname else gguf.GGMLQuantizationType.Q4_1
+                 if ".attn_" in gname and "norm" not in gname else None)
+        if qtype is not None and arr.ndim == 2:
+            q = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qtype)
+            deq = gguf.quants.dequantize(q, qtype)
+            if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):  # back to HF's row order
+                n = c.num_attention_heads if ".attn_q." in gname else c.num_key_value_heads
+                deq = deq.reshape(n, deq.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(deq.shape)
+            state[name] = torch.from_numpy(np.ascontiguousarray(deq))
         elif arr.ndim == 1:
             w.add_tensor(gname, arr)
         else:
@@ -143,7 +150,7 @@ def _write_gguf(hf, arch: str, path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_gguf_loader_tiny(kind, tmp_path):
+def test_gguf_loader_tiny(kind, tmp_path, ops):
     hf = tiny_hf(kind, seed=3, rope_scaling=False)   # GGUF here carries no rope scaling keys
     path = tmp_path / f"tiny-{kind}.gguf"
     state = _write_gguf(hf, kind, path)
@@ -152,10 +159,16 @@ def test_gguf_loader_tiny(kind, tmp_path):
     assert config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert config.attention_bias == (kind == "qwen2") and config.qk_norm == (kind == "qwen3")
     assert load_gguf_metadata(path)["general.architecture"] == kind
-    run = PagedRunner(model, config)
-    out = run.step({"a": PROMPTS["a"], "c": PROMPTS["c"]})
+    # The linear op got the file's blocks for every projection (fused qkv from three Q4_1
+    # tensors, gate_up from two Q8_0), and reading them gives bit-identical logits.
+    assert model.linear.num_quantized == 4 * config.num_hidden_layers
+    chunks = {"a": PROMPTS["a"], "c": PROMPTS["c"]}
+    out = PagedRunner(model, config).step(chunks)
     close(out["a"], hf_logits(hf, PROMPTS["a"]))
     close(out["c"], hf_logits(hf, PROMPTS["c"]))
+    model.linear._quantized.clear()
+    fp32 = PagedRunner(model, config).step(chunks)
+    assert all(torch.equal(out[r], fp32[r]) for r in chunks)
 
 
 def test_unsupported_architecture_is_clear():
@@ -186,6 +199,8 @@ def test_smollm2_loads_and_knows_paris(smollm2):
     run = PagedRunner(model, config, num_blocks=16)
     out = run.step({"p": PARIS_PROMPT})["p"]
     assert out[-1].argmax().item() == PARIS
+    if model.linear.name == "native-cpu":   # every Q4_1 projection and the Q8_0 embedding/head
+        assert model.linear.num_quantized == 4 * 30 + 1
 
 
 @pytest.mark.slow
