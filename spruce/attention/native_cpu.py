@@ -2,9 +2,11 @@
 
 The op reads K/V in place from the paged cache: decode skips the torch backend's gather of every
 request's blocks into a padded buffer and the masked SDPA over that padding, and prefill chunks
-skip the per-request gather of their cached context. Requests with a speculative tree mask are
-computed by the op too (cheap: a few tokens) and then overwritten by TorchAttentionBackend's exact
-per-request path; caches the op does not take (another device or dtype) go wholly to the torch
+skip the per-request gather of their cached context. Speculative tree requests go through the op
+as well, with their ancestor masks (a flat bool buffer plus per-request offsets), so a spec step
+costs one kernel call per layer, not one per request; a mask whose shape does not match the
+request's query length (never made by the engine) falls back to TorchAttentionBackend's
+per-request path, and caches the op does not take (another device or dtype) go wholly to the torch
 backend, whose subclass this is.
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ class _NativePlan:
     block_tables: torch.Tensor            # [B, max_blocks] int64, unit inner stride
     seq_lens: torch.Tensor                # [B] int64
     query_start_loc: Optional[torch.Tensor]   # [B + 1] int64, varlen only
-    tree_reqs: tuple[int, ...]            # requests whose rows the torch path redoes
+    tree_mask: Optional[torch.Tensor] = None          # flat bool: the ql x ql masks end to end
+    tree_mask_offsets: Optional[torch.Tensor] = None  # [B] int64, -1 = plain causal
+    torch_tree_reqs: tuple[int, ...] = ()             # tree requests the torch path redoes
 
 
 class NativeCPUAttentionBackend(TorchAttentionBackend):
@@ -56,10 +60,24 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
             tables = tables.to("cpu", torch.int64).contiguous()
         if md.is_pure_decode and md.num_tokens == md.num_reqs:
             return _NativePlan(True, tables, seq_lens, None, ())
+        plan = _NativePlan(False, tables, seq_lens, torch.tensor(md.query_start_loc, dtype=torch.int64))
         trees = md.tree_masks or []
-        tree_reqs = tuple(i for i, t in enumerate(trees) if t is not None and md.query_lens[i] > 0)
-        return _NativePlan(False, tables, seq_lens,
-                           torch.tensor(md.query_start_loc, dtype=torch.int64), tree_reqs)
+        offsets, flat, fallback, off = [-1] * md.num_reqs, [], [], 0
+        for i, mask in enumerate(trees):
+            ql = md.query_lens[i]
+            if mask is None or ql == 0:
+                continue
+            if tuple(mask.shape) != (ql, ql):
+                fallback.append(i)
+                continue
+            offsets[i] = off
+            flat.append(mask.reshape(-1).to("cpu", torch.bool))
+            off += ql * ql
+        if flat:
+            plan.tree_mask = torch.cat(flat)
+            plan.tree_mask_offsets = torch.tensor(offsets, dtype=torch.int64)
+        plan.torch_tree_reqs = tuple(fallback)
+        return plan
 
     @staticmethod
     def supports(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
@@ -88,8 +106,9 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
                                             plan.seq_lens, scale)
             return out
         self.ops.paged_attention_varlen(out, q, key_cache, value_cache, plan.block_tables,
-                                        plan.seq_lens, plan.query_start_loc, scale)
-        for i in plan.tree_reqs:
+                                        plan.seq_lens, plan.query_start_loc, scale,
+                                        plan.tree_mask, plan.tree_mask_offsets)
+        for i in plan.torch_tree_reqs:
             out[md.query_start_loc[i]:md.query_start_loc[i + 1]] = self._one_request(
                 q, k, v, key_cache, value_cache, md, i, scale)
         return out

@@ -74,10 +74,30 @@ inline void row_coords(int64_t r, int64_t nq, int64_t g, int64_t h0, int64_t* j,
   *h = (h0 + hl) * g + rr % g;
 }
 
+// Speculative token trees: the query tokens of a tree request see the whole committed context but,
+// among the query tokens themselves, only their ancestors (and themselves). row[r] is row r's
+// visibility over the request's query tokens (null: plain causal), start[r] the item-relative
+// index of the request's first query token (negative when the item starts after it).
+struct RowMasks {
+  std::vector<const uint8_t*> row;
+  std::vector<int64_t> start;
+  bool any = false;
+  // Scores of tokens row r must not see become -inf; [start, nr) is where the mask applies.
+  void apply(int64_t r, float* s, int64_t nr) const {
+    if (!any || row[r] == nullptr) return;
+    for (int64_t i = std::max<int64_t>(start[r], 0); i < nr; ++i)
+      if (!row[r][i - start[r]]) s[i] = -std::numeric_limits<float>::infinity();
+  }
+  bool masked(int64_t r, int64_t i) const {
+    return any && row[r] != nullptr && i >= start[r] && !row[r][i - start[r]];
+  }
+};
+
 // Per-thread scratch, grown on demand and kept for the whole call.
 struct Scratch {
   std::vector<float> q, scores, acc, m, l;
   std::vector<int64_t> offs, lim;
+  RowMasks masks;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -236,8 +256,8 @@ void pv_rows(const T* v, const int64_t* offs, int64_t n, const float* p, int64_t
 // nondecreasing within each head's rows. Produces per-row max m, sum l and unnormalised acc [R, d].
 template <typename T>
 void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n, int64_t nh,
-                 int64_t rph, const float* q, const int64_t* lim, int64_t d, float* scores,
-                 float* acc, float* m, float* l) {
+                 int64_t rph, const float* q, const int64_t* lim, const RowMasks& masks, int64_t d,
+                 float* scores, float* acc, float* m, float* l) {
   const int64_t nc = d / 8, rows = nh * rph;
   const int64_t ps = (n + 7) & ~int64_t(7);  // score row stride
   // Pass 1: scores. Row r only needs tokens below lim[r].
@@ -286,20 +306,24 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * ps;
     const int64_t nr = std::min(lim[r], n);
-    if (nr <= 0) {
+    float mx = kNegInf;
+    if (nr > 0) {
+      masks.apply(r, s, nr);
+      __m256 mv = _mm256_set1_ps(kNegInf);
+      int64_t i = 0;
+      for (; i + 8 <= nr; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+      mx = hmax(mv);
+      for (; i < nr; ++i) mx = std::max(mx, s[i]);
+    }
+    if (mx == kNegInf) {  // nothing visible (in this partition)
       m[r] = kNegInf;
       l[r] = 0.f;
       std::fill(s, s + n, 0.f);
       continue;
     }
-    __m256 mv = _mm256_set1_ps(kNegInf);
     int64_t i = 0;
-    for (; i + 8 <= nr; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
-    float mx = hmax(mv);
-    for (; i < nr; ++i) mx = std::max(mx, s[i]);
     const __m256 mb = _mm256_set1_ps(mx);
     __m256 sv = _mm256_setzero_ps();
-    i = 0;
     for (; i + 8 <= nr; i += 8) {
       __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb));
       _mm256_storeu_ps(s + i, e);
@@ -317,6 +341,11 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
       i = nr;
     }
     std::fill(s + nr, s + n, 0.f);
+    // exp256 clamps its input, so a masked score came out ~1e-38, not 0: it changed no sum that
+    // holds exp(0) = 1, and zeroing it keeps it out of P @ V exactly.
+    if (masks.any && masks.row[r] != nullptr)
+      for (int64_t t = std::max<int64_t>(masks.start[r], 0); t < nr; ++t)
+        if (masks.masked(r, t)) s[t] = 0.f;
     m[r] = mx;
     l[r] = sum;
   }
@@ -355,8 +384,8 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
 // Portable version of attend_avx2 with the same contract (any head_dim).
 template <typename T>
 void attend_scalar(const T* kbase, const T* vbase, const int64_t* offs, int64_t n, int64_t nh,
-                   int64_t rph, const float* q, const int64_t* lim, int64_t d, float* scores,
-                   float* acc, float* m, float* l) {
+                   int64_t rph, const float* q, const int64_t* lim, const RowMasks& masks, int64_t d,
+                   float* scores, float* acc, float* m, float* l) {
   const int64_t ps = (n + 7) & ~int64_t(7);
   for (int64_t r = 0; r < nh * rph; ++r) {
     const int64_t nr = std::min(lim[r], n), hoff = (r / rph) * d;
@@ -364,6 +393,7 @@ void attend_scalar(const T* kbase, const T* vbase, const int64_t* offs, int64_t 
     const float* qr = q + r * d;
     float mx = kNegInf;
     for (int64_t t = 0; t < nr; ++t) {
+      if (masks.masked(r, t)) continue;
       const T* kr = kbase + offs[t] + hoff;
       float dot = 0.f;
       for (int64_t c = 0; c < d; ++c) dot += qr[c] * to_float(kr[c]);
@@ -373,13 +403,14 @@ void attend_scalar(const T* kbase, const T* vbase, const int64_t* offs, int64_t 
     float* a = acc + r * d;
     std::fill(a, a + d, 0.f);
     float sum = 0.f;
-    for (int64_t t = 0; t < nr; ++t) {
+    for (int64_t t = 0; t < nr && mx != kNegInf; ++t) {
+      if (masks.masked(r, t)) continue;
       const float p = std::exp(s[t] - mx);
       sum += p;
       const T* vr = vbase + offs[t] + hoff;
       for (int64_t c = 0; c < d; ++c) a[c] += p * to_float(vr[c]);
     }
-    m[r] = nr > 0 ? mx : kNegInf;
+    m[r] = mx;
     l[r] = sum;
   }
 }
@@ -397,6 +428,8 @@ struct Args {
   const int64_t* seq_lens;
   const int64_t* qsl;  // query_start_loc, or null for one query token per request
   float scale;
+  const uint8_t* tree_mask;            // flat [sum of ql*ql over tree requests], or null
+  const int64_t* tree_mask_offsets;    // [B]: request b's ql x ql mask at this offset, -1 = none
 };
 
 inline int64_t q_start(const Args& a, int64_t b) { return a.qsl ? a.qsl[b] : b; }
@@ -412,6 +445,9 @@ void run_item(const Args& A, const T* kc, const T* vc, const Item& it, Scratch& 
   if ((int64_t)sc.q.size() < rows * d) sc.q.resize(rows * d);
   if ((int64_t)sc.acc.size() < rows * d) sc.acc.resize(rows * d);
   if ((int64_t)sc.m.size() < rows) sc.m.resize(rows), sc.l.resize(rows), sc.lim.resize(rows);
+  const int64_t mask_off = A.tree_mask ? A.tree_mask_offsets[it.b] : -1;
+  sc.masks.any = mask_off >= 0;
+  if (sc.masks.any && (int64_t)sc.masks.row.size() < rows) sc.masks.row.resize(rows), sc.masks.start.resize(rows);
   if ((int64_t)sc.scores.size() < rows * ps) sc.scores.resize(rows * ps);
   if ((int64_t)sc.offs.size() < n) sc.offs.resize(n);
 
@@ -428,16 +464,20 @@ void run_item(const Args& A, const T* kc, const T* vc, const Item& it, Scratch& 
              sc.q.data() + r * d);
     // Query j of the request sits at position sl - ql + j and sees tokens up to and including it.
     sc.lim[r] = std::min(std::max<int64_t>(sl - ql + it.q0 + j + 1 - it.t0, 0), n);
+    if (sc.masks.any) {
+      sc.masks.row[r] = A.tree_mask + mask_off + (it.q0 + j) * ql;
+      sc.masks.start[r] = sl - ql - it.t0;
+    }
   }
   const T* kb = kc + it.h0 * d;
   const T* vb = vc + it.h0 * d;
 #ifdef SPRUCE_PA_AVX2
   if (!scalar)
-    attend_avx2<T>(kb, vb, sc.offs.data(), n, it.nh, it.nq * g, sc.q.data(), sc.lim.data(), d,
+    attend_avx2<T>(kb, vb, sc.offs.data(), n, it.nh, it.nq * g, sc.q.data(), sc.lim.data(), sc.masks, d,
                    sc.scores.data(), sc.acc.data(), sc.m.data(), sc.l.data());
   else
 #endif
-    attend_scalar<T>(kb, vb, sc.offs.data(), n, it.nh, it.nq * g, sc.q.data(), sc.lim.data(), d,
+    attend_scalar<T>(kb, vb, sc.offs.data(), n, it.nh, it.nq * g, sc.q.data(), sc.lim.data(), sc.masks, d,
                      sc.scores.data(), sc.acc.data(), sc.m.data(), sc.l.data());
 
   if (it.slot < 0) {
@@ -595,7 +635,8 @@ bool float_like(at::ScalarType s) {
 void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_tables,
                           const at::Tensor& seq_lens, const at::Tensor* query_start_loc,
-                          double scale) {
+                          double scale, const at::Tensor* tree_mask = nullptr,
+                          const at::Tensor* tree_mask_offsets = nullptr) {
   TORCH_CHECK(q.device().is_cpu() && out.device().is_cpu() && key_cache.device().is_cpu(),
               "paged_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && out.sizes() == q.sizes(),
@@ -653,6 +694,25 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor
     }
   }
 
+  const uint8_t* tm = nullptr;
+  const int64_t* tmo = nullptr;
+  if (tree_mask) {
+    TORCH_CHECK(qsl && tree_mask_offsets, "paged_attention: a tree mask needs query_start_loc and offsets");
+    TORCH_CHECK(tree_mask->dim() == 1 && tree_mask->is_contiguous() && tree_mask->element_size() == 1,
+                "paged_attention: tree_mask must be a contiguous 1-D bool/uint8 tensor");
+    TORCH_CHECK(tree_mask_offsets->scalar_type() == at::kLong && tree_mask_offsets->is_contiguous() &&
+                    tree_mask_offsets->dim() == 1 && tree_mask_offsets->size(0) == B,
+                "paged_attention: tree_mask_offsets must be int64 [B]");
+    tm = static_cast<const uint8_t*>(tree_mask->data_ptr());
+    tmo = tree_mask_offsets->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t ql = qsl[b + 1] - qsl[b];
+      TORCH_CHECK(tmo[b] == -1 || (tmo[b] >= 0 && tmo[b] + ql * ql <= tree_mask->numel()),
+                  "paged_attention: request ", b, "'s tree mask (offset ", tmo[b], ", ", ql, "x", ql,
+                  ") lies outside tree_mask");
+    }
+  }
+
   Args A;
   A.geo = {bs, hkv, d, H / hkv, hkv * d, bs * hkv * d, tables, tstride};
   A.q = static_cast<const char*>(q.data_ptr());
@@ -668,6 +728,8 @@ void paged_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor
   A.seq_lens = sl;
   A.qsl = qsl;
   A.scale = static_cast<float>(scale);
+  A.tree_mask = tm;
+  A.tree_mask_offsets = tmo;
 
   switch (key_cache.scalar_type()) {
     case at::kFloat:
@@ -729,9 +791,13 @@ void paged_attention_decode(at::Tensor out, const at::Tensor& q, const at::Tenso
 void paged_attention_varlen(at::Tensor out, const at::Tensor& q, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                            double scale) {
+                            double scale, const c10::optional<at::Tensor>& tree_mask,
+                            const c10::optional<at::Tensor>& tree_mask_offsets) {
+  const bool tree = tree_mask.has_value() && tree_mask->defined();
+  TORCH_CHECK(tree == (tree_mask_offsets.has_value() && tree_mask_offsets->defined()),
+              "paged_attention_varlen: tree_mask and tree_mask_offsets come together");
   paged_attention_impl(out, q, key_cache, value_cache, block_tables, seq_lens, &query_start_loc,
-                       scale);
+                       scale, tree ? &*tree_mask : nullptr, tree ? &*tree_mask_offsets : nullptr);
 }
 
 bool has_avx2() {
@@ -748,7 +814,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode,
         "out[B,H,D] = attention of q[B,H,D] (one token per request) over the paged KV cache");
   m.def("paged_attention_varlen", &paged_attention_varlen,
-        "out[T,H,D] = causal attention of flat q[T,H,D] over the paged KV cache");
+        "out[T,H,D] = causal attention of flat q[T,H,D] over the paged KV cache; with a tree mask "
+        "(flat bool, per-request offsets, -1 = causal) a request's query tokens see among themselves "
+        "only what its ql x ql mask allows",
+        py::arg("out"), py::arg("q"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
+        py::arg("tree_mask") = py::none(), py::arg("tree_mask_offsets") = py::none());
   m.def("write_kv", &write_kv, "key/value_cache[slot_mapping[t]] = k/v[t] (flat slots)");
   m.def("has_avx2", &has_avx2, "whether the AVX2 kernels were compiled in");
   m.def("set_force_scalar", &set_force_scalar, "use the portable kernels (tests)");

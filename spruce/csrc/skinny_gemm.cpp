@@ -157,11 +157,63 @@ void dequant_row_avx2(const QuantWeight& q, int64_t row, float* dst) {
 }
 #endif
 
+#ifdef SPRUCE_GEMM_AVX2
+// One or two query rows: dequantize in registers, straight into the FMAs, with no scratch round
+// trip (at 1 row the dequantization, not memory, is the bound). Each output still accumulates
+// fma(w, x, acc) over k in ascending 8-lane steps and ends in the same hsum as tile4, so the
+// result is bit-identical to the scratch path and to skinny_linear.
+template <int MB>
+void tile4_fused(const float* x, int64_t ldx, const QuantWeight& q, int64_t r0, float* y, int64_t ldy) {
+  const int64_t k = q.k, nb = k / kQBlock;
+  __m256 acc[MB][kRowsPerTile];
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < kRowsPerTile; ++r) acc[i][r] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQBlock;
+    for (int r = 0; r < kRowsPerTile; ++r) {
+      const int64_t row = r0 + r;
+      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
+      if (q.format == kQ4_1) {
+        const __m256 mn = _mm256_set1_ps(q.minv[row * nb + b]);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.qs + row * (k / 2) + b * 16));
+        const __m128i lo = _mm_and_si128(bytes, low4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int j = 0; j < 4; ++j) {
+          const __m256 w = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), mn);
+          for (int i = 0; i < MB; ++i)
+            acc[i][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i * ldx + 8 * j), acc[i][r]);
+        }
+      } else {
+        const int8_t* p = reinterpret_cast<const int8_t*>(q.qs) + row * k + b * kQBlock;
+        for (int j = 0; j < 4; ++j) {
+          const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j));
+          const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8)));
+          for (int i = 0; i < MB; ++i)
+            acc[i][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i * ldx + 8 * j), acc[i][r]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < kRowsPerTile; ++r) y[i * ldy + r0 + r] = hsum(acc[i][r]);
+}
+#endif
+
 void quant_gemm_range(const float* x, int64_t m, int64_t ldx, const QuantWeight& q, float* y, int64_t ldy,
                       int64_t n0, int64_t n1, bool vector_ok, float* scratch) {
   const int64_t k = q.k;
   int64_t r = n0;
 #ifdef SPRUCE_GEMM_AVX2
+  if (vector_ok && m <= 2) {
+    for (; r + kRowsPerTile <= n1; r += kRowsPerTile) {
+      if (m == 2)
+        tile4_fused<2>(x, ldx, q, r, y, ldy);
+      else
+        tile4_fused<1>(x, ldx, q, r, y, ldy);
+    }
+  }
   if (vector_ok) {
     for (; r + kRowsPerTile <= n1; r += kRowsPerTile) {
       for (int t = 0; t < kRowsPerTile; ++t) dequant_row_avx2(q, r + t, scratch + t * k);

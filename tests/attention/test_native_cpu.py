@@ -260,6 +260,55 @@ def test_backend_mixed_batch_with_tree_masks(native):
     assert_matches_torch(b, native)
 
 
+_WIDE = TokenTree(range(7), [-1, 0, 0, 0, 1, 2, 3]).ancestor_mask()   # 3 branches of 2
+_CHAIN = TokenTree(range(4), [-1, 0, 1, 2]).ancestor_mask()
+_DEEP = TokenTree(range(6), [-1, 0, 0, 1, 2, 3]).ancestor_mask()
+
+
+@pytest.mark.parametrize("batch", [
+    # trees beside decodes and a prefill chunk
+    ([40, 12, 1300, 50, 9, 600], [7, 1, 4, 10, 6, 1], [_WIDE, None, _CHAIN, None, _DEEP, None]),
+    # one tree over a context long enough to be split across threads (partitions merged after)
+    ([1300], [7], [_WIDE]),
+])
+@pytest.mark.parametrize("force_scalar", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tree_masks_run_in_the_op(native, monkeypatch, batch, force_scalar, threads):
+    """Trees are masked inside the op; the torch per-request path is the reference here and is
+    never called by the native backend."""
+    seq_lens, query_lens, trees = batch
+    b = Batch(seq_lens, query_lens, 9, 3, 64, tree_masks=trees, seed=11)
+    ref = b.run(TorchAttentionBackend())[0]
+    monkeypatch.setattr(native, "_one_request", lambda *a, **k: pytest.fail("tree fell back to torch"))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    native.ops.set_force_scalar(force_scalar)
+    try:
+        out = b.run(native)[0]
+    finally:
+        native.ops.set_force_scalar(False)
+        torch.set_num_threads(old)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_mask_of_the_wrong_shape_falls_back(native):
+    anc = TokenTree(range(3), [-1, 0, 0]).ancestor_mask()
+    b = Batch([20, 8], [3, 4], 4, 2, 64, tree_masks=[anc, anc], seed=2)   # 4 query tokens, 3x3 mask
+    native.prepare(b.md)
+    plan = b.md.__dict__["_native_plan"]
+    assert plan.torch_tree_reqs == (1,) and plan.tree_mask_offsets.tolist() == [0, -1]
+
+
+def test_op_rejects_a_tree_mask_out_of_range(ops):
+    b = Batch([20, 8], [3, 1], 4, 2, 64, seed=3)
+    kc, vc = b.op_inputs()
+    out = torch.empty_like(b.q)
+    with pytest.raises(RuntimeError, match="outside tree_mask"):
+        ops.paged_attention_varlen(out, b.q, kc, vc, b.md.block_tables, b.md.seq_lens_t,
+                                   torch.tensor(b.md.query_start_loc), b.scale,
+                                   torch.ones(8, dtype=torch.bool), torch.tensor([0, -1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backend_reduced_precision(native, dtype):
     b = Batch([33, 100, 7], [1, 20, 7], 9, 3, 64, dtype=dtype, seed=1)

@@ -100,7 +100,8 @@ def _gguf_blocks(qtype_name: str, n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (3, 64, 8), (5, 1536, 578), (16, 96, 33), (64, 32, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 576, 962), (3, 64, 8), (5, 1536, 578), (16, 96, 33),
+                                   (64, 32, 130)])
 @pytest.mark.parametrize("force_scalar", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quant_linear_is_bit_identical_to_the_dequantized_weight(ops, fmt, m, k, n, force_scalar, threads):
