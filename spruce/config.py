@@ -101,6 +101,9 @@ class SpeculativeConfig:
     methods: Optional[list[dict]] = None       # merged: the proposers whose trees are merged
     # Load adaptation: no speculation in a step with more running requests than this.
     max_num_seqs_for_spec: int = 8
+    # Measured adaptation (spec/gate.py): below that cap, draft only while steps with drafts emit
+    # more tokens per second than steps without. False always drafts (tests, forced measurements).
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.method not in SPEC_METHODS:

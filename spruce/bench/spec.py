@@ -45,8 +45,9 @@ def add_spec_bench(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts-file", default=None, help="default: the packaged W4 prompts")
     p.add_argument("--max-num-seqs-for-spec", type=int, default=None,
-                   help="speculate only while at most this many requests run (default: the engine's "
-                        "load adaptation; a large value forces speculation at every batch size)")
+                   help="speculate whenever at most this many requests run, with the measured gate off "
+                        "(default: the engine's load and measured adaptation; a large value forces "
+                        "speculation at every batch size)")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=run)
 
@@ -67,8 +68,9 @@ def _config(mode: str, draft, max_num_seqs_for_spec=None):
             raise ValueError(f"mode {mode!r} needs --draft DIR (make one with `spruce distill`)")
         text = text.replace("{draft}", draft)
     cfg = json.loads(text)
-    if max_num_seqs_for_spec is not None:
+    if max_num_seqs_for_spec is not None:   # forced: the measured gate is off too
         cfg["max_num_seqs_for_spec"] = max_num_seqs_for_spec
+        cfg["adaptive"] = False
     return cfg
 
 

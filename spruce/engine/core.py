@@ -108,9 +108,13 @@ class EngineCore:
         self.spec_config = config.speculative_config
         self.proposer = None
         self.spec_stats = SpecDecodingStats()
+        self.spec_gate = None
         if self.spec_config is not None:
+            from spruce.spec.gate import SpecGate
             from spruce.spec.proposers import make_proposer
             self.proposer = make_proposer(self.spec_config, self)
+            if self.spec_config.adaptive:
+                self.spec_gate = SpecGate()
         self._ids = itertools.count()
         if log_progress:
             print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
@@ -193,23 +197,44 @@ class EngineCore:
 
     # ----- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self._propose()
+        t0, speculated = time.perf_counter(), self._propose()
         scheduled = self.scheduler.schedule()
         model_output = self.runner.execute(scheduled) if not scheduled.is_empty else ModelRunnerOutput()
+        self._time_step(scheduled, model_output, speculated, time.perf_counter() - t0)
         return self._update(scheduled, model_output)
 
-    def _propose(self) -> None:
+    def _propose(self) -> Optional[bool]:
         """Attach draft trees to decoding requests for the scheduler to budget. Under load (more
         running requests than max_num_seqs_for_spec) nothing is drafted: a big batch already
-        uses the hardware well, and verifying rejected drafts would only slow it down."""
+        uses the hardware well, and verifying rejected drafts would only slow it down. Below it
+        the gate (spec/gate.py) drafts only while drafting measures faster -- except for seeded
+        sampled requests, whose draws (and so whose text) would otherwise depend on timing.
+        Returns what the gate chose for the whole step (None: not asked, or a mixed step)."""
         running = self.scheduler.running
         if self.proposer is None or not running or len(running) > self.spec_config.max_num_seqs_for_spec:
-            return
+            return None
         reqs = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.speculate
                 and (r.max_tokens is None or r.num_output_tokens + 1 < r.max_tokens)]
+        chose = True
+        if self.spec_gate is not None and not self.spec_gate.want_spec(len(running)):
+            kept = [r for r in reqs if r.sampling_params.seed is not None and not r.sampling_params.is_greedy]
+            chose = None if kept else False
+            reqs = kept
         for req, tree in zip(reqs, self.proposer.propose(reqs) if reqs else []):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
+        return chose
+
+    def _time_step(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput,
+                   speculated: Optional[bool], seconds: float) -> None:
+        # Only pure-decode steps tell the gate anything: a prefill chunk's time is not the
+        # drafts' cost. (The drafting time is in `seconds`: it is part of what speculation costs.)
+        if speculated is None or self.spec_gate is None or scheduled.is_empty:
+            return
+        if any(s.spec_tree is None and s.num_new_tokens != 1 for s in scheduled.scheduled):
+            return
+        self.spec_gate.record(len(scheduled.scheduled), speculated,
+                              sum(len(t) for t in model_output.sampled.values()), seconds)
 
     def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
         for s in scheduled.scheduled:

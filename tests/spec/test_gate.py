@@ -1,0 +1,44 @@
+"""The measured speculation gate (spruce/spec/gate.py), with fake timings, and in the engine."""
+import pytest
+
+from spruce.sampling_params import SamplingParams
+from spruce.spec.gate import SpecGate
+
+
+def test_gate_measures_both_then_takes_the_faster_and_keeps_probing():
+    g = SpecGate(probe_every=4)
+    assert g.want_spec(1) is True          # no estimate yet: speculation first
+    g.record(1, True, num_tokens=2, seconds=0.1)     # 20 tok/s with drafts
+    assert g.want_spec(1) is False         # then the plain step
+    g.record(1, False, num_tokens=1, seconds=0.02)   # 50 tok/s without
+    choices = [g.want_spec(1) for _ in range(8)]
+    assert choices.count(True) == 2 and choices.count(False) == 6   # plain wins, one probe in 4
+    for _ in range(10):   # drafts get better: the probes see it and the gate switches over
+        g.record(1, True, num_tokens=6, seconds=0.05)
+    assert [g.want_spec(1) for _ in range(4)].count(True) == 3
+
+
+def test_gate_buckets_by_batch_size():
+    g = SpecGate()
+    assert [SpecGate.bucket(n) for n in (1, 2, 3, 4, 7, 8, 64)] == [1, 2, 2, 3, 3, 4, 4]
+    g.want_spec(1)
+    g.record(1, True, 3, 0.03)
+    assert g.want_spec(8) is True   # another bucket has no estimate yet
+    g.record(2, False, 0, 0.01)      # steps that emitted nothing are not evidence
+    assert (2, False) not in g.rate
+    with pytest.raises(ValueError):
+        SpecGate(probe_every=1)
+
+
+def test_gated_engine_stays_lossless_and_seeded_sampling_reproducible(make_llm):
+    llm = make_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "adaptive": True})
+    assert llm.engine.spec_gate is not None
+    plain = make_llm()
+    prompts = ["Repeat after me: one two three, one two three, one two three", "List the days of the week."]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == want
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=16)
+    runs = [[o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert llm.engine.spec_gate.rate   # the gate measured steps
