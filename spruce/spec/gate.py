@@ -3,9 +3,11 @@
 Whether drafting and verifying a tree beats a plain decode step depends on the proposer, the
 batch and the text, so the engine measures it. Pure-decode steps are timed. The gate keeps an
 average of emitted tokens per second for steps with trees and for steps without, per bucket of
-running requests (1, 2-3, 4-7, 8+), and takes the better branch. One step in `probe_every` takes
-the other branch so that both estimates stay current. A proposer whose drafts are rarely accepted
-therefore costs about one probe step in `probe_every`, not every step. This comes on top of the
+running requests (1, 2-3, 4-7, 8+), and takes the better branch. Now and then it takes the other
+branch, so that both estimates stay current: once every `probe_every` steps of a bucket. When the
+plain step is winning, the interval stretches by how much slower drafting measured (up to 4×).
+A probe then costs about the same share of time however bad the drafts are. A proposer whose
+drafts are rarely accepted costs a few percent, not every step. All of this sits on top of the
 load cap (`max_num_seqs_for_spec`).
 """
 from __future__ import annotations
@@ -17,14 +19,13 @@ class SpecGate:
             raise ValueError("probe_every must be >= 2")
         self.probe_every, self.alpha = probe_every, alpha
         self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> EMA tokens/s
-        self._steps = 0
+        self._since_probe: dict[int, int] = {}
 
     @staticmethod
     def bucket(num_running: int) -> int:
         return min(max(num_running, 1), 8).bit_length()
 
     def want_spec(self, num_running: int) -> bool:
-        self._steps += 1
         b = self.bucket(num_running)
         spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
         if spec is None:
@@ -32,7 +33,13 @@ class SpecGate:
         if plain is None:
             return False         # ... then the plain step
         best = spec >= plain
-        return (not best) if self._steps % self.probe_every == 0 else best
+        interval = self.probe_every if best else int(self.probe_every * min(4.0, plain / spec))
+        n = self._since_probe.get(b, 0) + 1
+        if n >= interval:
+            self._since_probe[b] = 0
+            return not best
+        self._since_probe[b] = n
+        return best
 
     def record(self, num_running: int, speculated: bool, num_tokens: int, seconds: float) -> None:
         if seconds <= 0 or num_tokens <= 0:
