@@ -59,7 +59,7 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
         if tables.dtype != torch.int64 or tables.device.type != "cpu" or tables.stride(-1) != 1:
             tables = tables.to("cpu", torch.int64).contiguous()
         if md.is_pure_decode and md.num_tokens == md.num_reqs:
-            return _NativePlan(True, tables, seq_lens, None, ())
+            return _NativePlan(True, tables, seq_lens, None)
         plan = _NativePlan(False, tables, seq_lens, torch.tensor(md.query_start_loc, dtype=torch.int64))
         trees = md.tree_masks or []
         offsets, flat, fallback, off = [-1] * md.num_reqs, [], [], 0

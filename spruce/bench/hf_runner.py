@@ -25,7 +25,6 @@ import time
 RESULT_MARKER = "SPRUCE_PEER_RESULT "
 
 
-
 def _vm_hwm_mb() -> float:
     """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries it across fork+exec, so a
     child started by a big parent reports at least the parent's RSS at the fork."""
@@ -37,6 +36,7 @@ def _vm_hwm_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:

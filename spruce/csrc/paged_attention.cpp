@@ -82,11 +82,11 @@ struct RowMasks {
   std::vector<const uint8_t*> row;
   std::vector<int64_t> start;
   bool any = false;
-  // Scores of tokens row r must not see become -inf; [start, nr) is where the mask applies.
-  void apply(int64_t r, float* s, int64_t nr) const {
+  // Entries of s[0, nr) at tokens row r must not see become `value` (-inf before the softmax).
+  void fill(int64_t r, float* s, int64_t nr, float value) const {
     if (!any || row[r] == nullptr) return;
     for (int64_t i = std::max<int64_t>(start[r], 0); i < nr; ++i)
-      if (!row[r][i - start[r]]) s[i] = -std::numeric_limits<float>::infinity();
+      if (!row[r][i - start[r]]) s[i] = value;
   }
   bool masked(int64_t r, int64_t i) const {
     return any && row[r] != nullptr && i >= start[r] && !row[r][i - start[r]];
@@ -308,7 +308,7 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
     const int64_t nr = std::min(lim[r], n);
     float mx = kNegInf;
     if (nr > 0) {
-      masks.apply(r, s, nr);
+      masks.fill(r, s, nr, kNegInf);
       __m256 mv = _mm256_set1_ps(kNegInf);
       int64_t i = 0;
       for (; i + 8 <= nr; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
@@ -343,9 +343,7 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
     std::fill(s + nr, s + n, 0.f);
     // exp256 clamps its input, so a masked score came out ~1e-38, not 0: it changed no sum that
     // holds exp(0) = 1, and zeroing it keeps it out of P @ V exactly.
-    if (masks.any && masks.row[r] != nullptr)
-      for (int64_t t = std::max<int64_t>(masks.start[r], 0); t < nr; ++t)
-        if (masks.masked(r, t)) s[t] = 0.f;
+    masks.fill(r, s, nr, 0.f);
     m[r] = mx;
     l[r] = sum;
   }

@@ -126,74 +126,52 @@ void dequant_row_scalar(const QuantWeight& q, int64_t row, float* dst) {
 }
 
 #ifdef SPRUCE_GEMM_AVX2
-void dequant_row_avx2(const QuantWeight& q, int64_t row, float* dst) {
+// Block b of weight row `row`, dequantized into w[0..3] (weights 8j .. 8j+7 in w[j]).
+inline void dequant_block_avx2(const QuantWeight& q, int64_t row, int64_t b, __m256 w[4]) {
   const int64_t nb = q.k / kQBlock;
+  const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
   if (q.format == kQ4_1) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
-      const __m256 mn = _mm256_set1_ps(q.minv[row * nb + b]);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.qs + row * (q.k / 2) + b * 16));
-      const __m128i lo = _mm_and_si128(bytes, low4);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-      float* o = dst + b * kQBlock;
-      for (int j = 0; j < 4; ++j) {
-        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
-        _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(d, v, mn));
-      }
-    }
+    const __m256 mn = _mm256_set1_ps(q.minv[row * nb + b]);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.qs + row * (q.k / 2) + b * 16));
+    const __m128i lo = _mm_and_si128(bytes, low4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), mn);
   } else {
-    const int8_t* base = reinterpret_cast<const int8_t*>(q.qs) + row * q.k;
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
-      float* o = dst + b * kQBlock;
-      for (int j = 0; j < 4; ++j) {
-        const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + b * kQBlock + 8 * j));
-        _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8))));
-      }
+    const int8_t* p = reinterpret_cast<const int8_t*>(q.qs) + row * q.k + b * kQBlock;
+    for (int j = 0; j < 4; ++j) {
+      const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j));
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8)));
     }
   }
 }
-#endif
 
-#ifdef SPRUCE_GEMM_AVX2
+void dequant_row_avx2(const QuantWeight& q, int64_t row, float* dst) {
+  __m256 w[4];
+  for (int64_t b = 0; b < q.k / kQBlock; ++b) {
+    dequant_block_avx2(q, row, b, w);
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + b * kQBlock + 8 * j, w[j]);
+  }
+}
+
 // One or two query rows: dequantize in registers, straight into the FMAs, with no scratch round
 // trip (at 1 row the dequantization, not memory, is the bound). Each output still accumulates
 // fma(w, x, acc) over k in ascending 8-lane steps and ends in the same hsum as tile4, so the
 // result is bit-identical to the scratch path and to skinny_linear.
 template <int MB>
 void tile4_fused(const float* x, int64_t ldx, const QuantWeight& q, int64_t r0, float* y, int64_t ldy) {
-  const int64_t k = q.k, nb = k / kQBlock;
   __m256 acc[MB][kRowsPerTile];
   for (int i = 0; i < MB; ++i)
     for (int r = 0; r < kRowsPerTile; ++r) acc[i][r] = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t b = 0; b < nb; ++b) {
+  __m256 w[4];
+  for (int64_t b = 0; b < q.k / kQBlock; ++b) {
     const float* xb = x + b * kQBlock;
     for (int r = 0; r < kRowsPerTile; ++r) {
-      const int64_t row = r0 + r;
-      const __m256 d = _mm256_set1_ps(q.scale[row * nb + b]);
-      if (q.format == kQ4_1) {
-        const __m256 mn = _mm256_set1_ps(q.minv[row * nb + b]);
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q.qs + row * (k / 2) + b * 16));
-        const __m128i lo = _mm_and_si128(bytes, low4);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int j = 0; j < 4; ++j) {
-          const __m256 w = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j])), mn);
-          for (int i = 0; i < MB; ++i)
-            acc[i][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i * ldx + 8 * j), acc[i][r]);
-        }
-      } else {
-        const int8_t* p = reinterpret_cast<const int8_t*>(q.qs) + row * k + b * kQBlock;
-        for (int j = 0; j < 4; ++j) {
-          const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j));
-          const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8)));
-          for (int i = 0; i < MB; ++i)
-            acc[i][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i * ldx + 8 * j), acc[i][r]);
-        }
-      }
+      dequant_block_avx2(q, r0 + r, b, w);
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < MB; ++i)
+          acc[i][r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + i * ldx + 8 * j), acc[i][r]);
     }
   }
   for (int i = 0; i < MB; ++i)
@@ -201,9 +179,14 @@ void tile4_fused(const float* x, int64_t ldx, const QuantWeight& q, int64_t r0, 
 }
 #endif
 
+// `scratch` is sized on first use: the in-register path (1-2 rows) needs none.
 void quant_gemm_range(const float* x, int64_t m, int64_t ldx, const QuantWeight& q, float* y, int64_t ldy,
-                      int64_t n0, int64_t n1, bool vector_ok, float* scratch) {
+                      int64_t n0, int64_t n1, bool vector_ok, std::vector<float>& buf) {
   const int64_t k = q.k;
+  auto scratch_for = [&]() {
+    if (buf.empty()) buf.resize(kRowsPerTile * k);
+    return buf.data();
+  };
   int64_t r = n0;
 #ifdef SPRUCE_GEMM_AVX2
   if (vector_ok && m <= 2) {
@@ -216,12 +199,14 @@ void quant_gemm_range(const float* x, int64_t m, int64_t ldx, const QuantWeight&
   }
   if (vector_ok) {
     for (; r + kRowsPerTile <= n1; r += kRowsPerTile) {
+      float* scratch = scratch_for();
       for (int t = 0; t < kRowsPerTile; ++t) dequant_row_avx2(q, r + t, scratch + t * k);
       run_tile(x, m, ldx, scratch, k, y, ldy, r);
     }
   }
 #endif
   for (; r < n1; ++r) {
+    float* scratch = scratch_for();
     dequant_row_scalar(q, r, scratch);
     for (int64_t i = 0; i < m; ++i) y[i * ldy + r] = dot_scalar(x + i * ldx, scratch, k);
   }
@@ -319,8 +304,8 @@ void quant_linear(at::Tensor out, const at::Tensor& x, int64_t format, const at:
 #endif
     int64_t a, b;
     thread_range(n, t, T, &a, &b);
-    std::vector<float> scratch(kRowsPerTile * k);
-    quant_gemm_range(xp, m, ldx, q, yp, ldy, a, b, !force_scalar, scratch.data());
+    std::vector<float> scratch;
+    quant_gemm_range(xp, m, ldx, q, yp, ldy, a, b, !force_scalar, scratch);
   }
   if (bias.has_value() && bias->defined()) out.add_(bias->view({1, n}));
 }

@@ -73,13 +73,13 @@ def from_gguf_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) ->
         return None
     n, k = shape
     nb = k // BLOCK
+
+    def f16(b: np.ndarray, col: int) -> torch.Tensor:   # the fp16 at bytes [col, col + 2) of each block
+        return torch.from_numpy(b[..., col:col + 2].copy().view(np.float16)[..., 0].astype(np.float32))
     if ggml_type == _GGML_Q4_1:
         b = np.asarray(raw).reshape(n, nb, 20)
-        scale = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        mins = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         qs = np.ascontiguousarray(b[..., 4:]).reshape(n, nb * 16)
-        return QuantWeight(Q4_1, torch.from_numpy(qs), torch.from_numpy(scale), torch.from_numpy(mins))
+        return QuantWeight(Q4_1, torch.from_numpy(qs), f16(b, 0), f16(b, 2))
     b = np.asarray(raw).reshape(n, nb, 34)
-    scale = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     qs = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k)
-    return QuantWeight(Q8_0, torch.from_numpy(qs), torch.from_numpy(scale), None)
+    return QuantWeight(Q8_0, torch.from_numpy(qs), f16(b, 0), None)
