@@ -23,6 +23,8 @@ from spruce.models.quant import QuantWeight
 
 # Rows up to which the native op beats MKL on this model's shapes (see the module doc).
 SKINNY_MAX_ROWS = 96
+# In a bf16 model, rows up to which the quantized blocks beat the bf16 GEMM (see SkinnyCPULinear._bf16).
+BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "8"))
 
 
 class TorchLinear:
@@ -55,18 +57,40 @@ class SkinnyCPULinear(TorchLinear):
         return len(self._quantized)
 
     def __call__(self, x, w, b=None):
-        if (x.dim() != 2 or x.shape[0] > self.max_rows or x.dtype != torch.float32
-                or w.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1
-                or not w.is_contiguous() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if (x.dim() != 2 or x.device.type != "cpu" or x.dtype != w.dtype
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return F.linear(x, w, b)
+        if x.dtype == torch.bfloat16:
+            return self._bf16(x, w, b)
+        if (x.shape[0] > self.max_rows or x.dtype != torch.float32 or x.stride(-1) != 1
+                or not w.is_contiguous()):
             return F.linear(x, w, b)
         out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        entry = self._quantized.get(w.data_ptr())
-        if entry is not None and entry[0] is w and entry[1] == w._version:
-            q = entry[2]
+        q = self._quant_copy(w)
+        if q is not None:
             self.ops.quant_linear(out, x, q.format, q.qs, q.scale, q.min, b)
         else:
             self.ops.skinny_linear(out, x, w, b)
         return out
+
+    def _quant_copy(self, w: torch.Tensor) -> Optional[QuantWeight]:
+        entry = self._quantized.get(w.data_ptr())
+        if entry is not None and entry[0] is w and entry[1] == w._version:
+            return entry[2]
+        return None
+
+    def _bf16(self, x, w, b):
+        # A bf16 model: oneDNN's bf16 GEMM (AMX / AVX-512 BF16 where the CPU has them) wins from a
+        # handful of rows up, but at decode sizes it reads the bf16 weight at a fraction of the
+        # machine's bandwidth. There the weight's quantized blocks (a quarter of the bytes) are
+        # read instead, in fp32 on the exact dequantized values, and the result rounded to bf16.
+        q = self._quant_copy(w) if x.shape[0] <= BF16_QUANT_MAX_ROWS else None
+        if q is None:
+            return F.linear(x, w, b)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        self.ops.quant_linear(out, x.float(), q.format, q.qs, q.scale, q.min,
+                              None if b is None else b.float())
+        return out.to(torch.bfloat16)
 
 
 def get_linear(device, dtype: torch.dtype) -> TorchLinear:
@@ -75,9 +99,9 @@ def get_linear(device, dtype: torch.dtype) -> TorchLinear:
     want = os.environ.get("SPRUCE_LINEAR_BACKEND", "auto").lower()
     if want not in ("auto", "torch", "native"):
         raise ValueError(f"SPRUCE_LINEAR_BACKEND must be auto, torch or native, got {want!r}")
-    if want == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
+    if want == "torch" or torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         if want == "native":
-            raise ValueError("SPRUCE_LINEAR_BACKEND=native needs a float32 model on CPU")
+            raise ValueError("SPRUCE_LINEAR_BACKEND=native needs a float32 or bfloat16 model on CPU")
         return TorchLinear()
     from spruce.attention._build import load_native_ops
     ops = load_native_ops()

@@ -73,12 +73,13 @@ def test_dispatch_falls_back_outside_its_range(ops):
 def test_get_linear(monkeypatch, ops):
     monkeypatch.delenv("SPRUCE_LINEAR_BACKEND", raising=False)
     assert isinstance(get_linear("cpu", torch.float32), SkinnyCPULinear)
-    assert type(get_linear("cpu", torch.bfloat16)) is TorchLinear
+    assert isinstance(get_linear("cpu", torch.bfloat16), SkinnyCPULinear)
+    assert type(get_linear("cpu", torch.float16)) is TorchLinear
     monkeypatch.setenv("SPRUCE_LINEAR_BACKEND", "torch")
     assert type(get_linear("cpu", torch.float32)) is TorchLinear
     monkeypatch.setenv("SPRUCE_LINEAR_BACKEND", "native")
-    with pytest.raises(ValueError, match="float32 model on CPU"):
-        get_linear("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 model on CPU"):
+        get_linear("cpu", torch.float16)
     monkeypatch.setenv("SPRUCE_LINEAR_BACKEND", "fast")
     with pytest.raises(ValueError, match="SPRUCE_LINEAR_BACKEND"):
         get_linear("cpu", torch.float32)
@@ -165,3 +166,35 @@ def test_dispatch_uses_a_registered_copy_until_the_weight_changes(ops):
         w.mul_(2)   # written in place: the copy is stale
         torch.testing.assert_close(lin(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
     assert calls == ["quant_linear", "skinny_linear", "skinny_linear"]
+
+
+def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
+    from spruce.models.linear import BF16_QUANT_MAX_ROWS
+    q, w32 = _gguf_blocks("Q4_1", 16, 64, seed=5)
+    w = w32.to(torch.bfloat16)
+    lin = SkinnyCPULinear(ops)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+    lin.ops = Spy()
+    lin.register_quantized(w, q)
+    b = torch.randn(16).to(torch.bfloat16)
+    with torch.no_grad():
+        for m in (1, BF16_QUANT_MAX_ROWS, BF16_QUANT_MAX_ROWS + 1):
+            calls.clear()
+            x = torch.randn(m, 64).to(torch.bfloat16)
+            got = lin(x, w, b)
+            assert got.dtype == torch.bfloat16 and got.shape == (m, 16)
+            # The quantized path computes in fp32 on the exact values, then rounds once.
+            want = (F.linear(x.float(), w32, b.float())).to(torch.bfloat16)
+            if m <= BF16_QUANT_MAX_ROWS:
+                assert calls == ["quant_linear"]
+                exact = torch.empty(m, 16)
+                ops.skinny_linear(exact, x.float(), w32, b.float())
+                assert torch.equal(got, exact.to(torch.bfloat16))
+            else:
+                assert calls == []
+                torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
