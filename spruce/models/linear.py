@@ -23,7 +23,8 @@ from spruce.models.quant import QuantWeight
 
 # Rows up to which the native op beats MKL on this model's shapes (see the module doc).
 SKINNY_MAX_ROWS = 96
-# In a bf16 model, rows up to which the quantized blocks beat the bf16 GEMM (see SkinnyCPULinear._bf16).
+# In a bf16 model, rows up to which linears read the quantized blocks (SkinnyCPULinear._bf16). Not
+# yet tuned: oneDNN's bf16 GEMM runs at ~20 GFLOP/s at 1 row and ~750 at 64 on the AMX dev box.
 BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "8"))
 
 
@@ -36,7 +37,8 @@ class TorchLinear:
 
 class SkinnyCPULinear(TorchLinear):
     """F.linear, except 2-D fp32 inputs of at most `max_rows` rows outside autograd, which run the
-    native skinny GEMM -- on a weight's block-quantized copy when one is registered."""
+    native skinny GEMM -- on a weight's block-quantized copy when one is registered -- and bf16
+    inputs of at most BF16_QUANT_MAX_ROWS rows whose weight has such a copy."""
     name = "native-cpu"
     takes_quantized = True
 
@@ -65,12 +67,16 @@ class SkinnyCPULinear(TorchLinear):
         if (x.shape[0] > self.max_rows or x.dtype != torch.float32 or x.stride(-1) != 1
                 or not w.is_contiguous()):
             return F.linear(x, w, b)
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
         q = self._quant_copy(w)
         if q is not None:
-            self.ops.quant_linear(out, x, q.format, q.qs, q.scale, q.min, b)
-        else:
-            self.ops.skinny_linear(out, x, w, b)
+            return self._quant_linear(x, q, b)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        self.ops.skinny_linear(out, x, w, b)
+        return out
+
+    def _quant_linear(self, x: torch.Tensor, q: QuantWeight, b: Optional[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+        self.ops.quant_linear(out, x, q.format, q.qs, q.scale, q.min, b)
         return out
 
     def _quant_copy(self, w: torch.Tensor) -> Optional[QuantWeight]:
@@ -87,14 +93,11 @@ class SkinnyCPULinear(TorchLinear):
         q = self._quant_copy(w) if x.shape[0] <= BF16_QUANT_MAX_ROWS else None
         if q is None:
             return F.linear(x, w, b)
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-        self.ops.quant_linear(out, x.float(), q.format, q.qs, q.scale, q.min,
-                              None if b is None else b.float())
-        return out.to(torch.bfloat16)
+        return self._quant_linear(x.float(), q, None if b is None else b.float()).to(torch.bfloat16)
 
 
 def get_linear(device, dtype: torch.dtype) -> TorchLinear:
-    """The native op for fp32 on CPU when it is built (SPRUCE_LINEAR_BACKEND=torch|native
+    """The native op for fp32 or bf16 on CPU when it is built (SPRUCE_LINEAR_BACKEND=torch|native
     forces a choice), else torch."""
     want = os.environ.get("SPRUCE_LINEAR_BACKEND", "auto").lower()
     if want not in ("auto", "torch", "native"):
