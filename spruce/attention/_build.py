@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "spruce_native_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "paged_attention.cpp", CSRC / "skinny_gemm.cpp"]
-HEADERS = [CSRC / "skinny_gemm.h"]
+SOURCES = [CSRC / "paged_attention.cpp", CSRC / "skinny_gemm.cpp", CSRC / "fused_ops.cpp"]
+HEADERS = [CSRC / "skinny_gemm.h", CSRC / "fused_ops.h"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -56,6 +56,11 @@ def cflags() -> list[str]:
     cpu = _cpu_flags()
     if sys.platform.startswith("linux") and {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])
+        # The fused elementwise ops are plain loops the compiler vectorises: 16 lanes where the
+        # CPU has AVX-512 (GCC would otherwise keep 8 for generic tuning).
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu:
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                      "-mprefer-vector-width=512"]
     return flags
 
 

@@ -16,12 +16,17 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from spruce.attention._build import load_native_ops
 from spruce.attention.metadata import AttentionMetadata
 from spruce.attention.torch_ref import TorchAttentionBackend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A request prefilled whole in one step (no cached context) at least this long runs through
+# torch's SDPA (a flash kernel: blocked GEMMs, 2-2.5x the op's prefill speed on W1's 100-300
+# token prompts); shorter ones stay with the op, where a call's overhead would dominate.
+SDPA_MIN_TOKENS = 32
 
 
 @dataclass
@@ -33,6 +38,10 @@ class _NativePlan:
     tree_mask: Optional[torch.Tensor] = None          # flat bool: the ql x ql masks end to end
     tree_mask_offsets: Optional[torch.Tensor] = None  # [B] int64, -1 = plain causal
     torch_tree_reqs: tuple[int, ...] = ()             # tree requests the torch path redoes
+    # Requests whose whole context is this step's tokens, run through torch's SDPA on the batch's
+    # own K/V; the op then runs only the other requests, whose q rows `op_rows` gathers.
+    sdpa_reqs: tuple[int, ...] = ()
+    op_rows: Optional[torch.Tensor] = None   # [T'] int64; None: the op runs every row
 
 
 class NativeCPUAttentionBackend(TorchAttentionBackend):
@@ -60,6 +69,11 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
             tables = tables.to("cpu", torch.int64).contiguous()
         if md.is_pure_decode and md.num_tokens == md.num_reqs:
             return _NativePlan(True, tables, seq_lens, None)
+        if not any(m is not None for m in (md.tree_masks or [])):
+            fresh = [i for i, (ql, sl) in enumerate(zip(md.query_lens, md.seq_lens))
+                     if ql == sl and ql >= SDPA_MIN_TOKENS]
+            if fresh:
+                return NativeCPUAttentionBackend._split_plan(md, tables, seq_lens, fresh)
         plan = _NativePlan(False, tables, seq_lens, torch.tensor(md.query_start_loc, dtype=torch.int64))
         trees = md.tree_masks or []
         offsets, flat, fallback, off = [-1] * md.num_reqs, [], [], 0
@@ -78,6 +92,31 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
             plan.tree_mask_offsets = torch.tensor(offsets, dtype=torch.int64)
         plan.torch_tree_reqs = tuple(fallback)
         return plan
+
+    @staticmethod
+    def _split_plan(md: AttentionMetadata, tables: torch.Tensor, seq_lens: torch.Tensor,
+                    fresh: list[int]) -> _NativePlan:
+        fresh_set = set(fresh)
+        rest = [i for i in range(md.num_reqs) if i not in fresh_set]
+        qsl = md.query_start_loc
+        plan = _NativePlan(False, tables, seq_lens, None, sdpa_reqs=tuple(fresh))
+        if rest:
+            idx = torch.tensor(rest, dtype=torch.int64)
+            lens = [md.query_lens[i] for i in rest]
+            plan.block_tables, plan.seq_lens = tables.index_select(0, idx), seq_lens.index_select(0, idx)
+            plan.query_start_loc = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0)
+            plan.op_rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rest])
+        return plan
+
+    @staticmethod
+    def _fresh_prefills(out, q, k, v, md: AttentionMetadata, plan: _NativePlan, scale: float) -> None:
+        gqa = q.shape[1] != k.shape[1]
+        for i in plan.sdpa_reqs:
+            s, e = md.query_start_loc[i], md.query_start_loc[i + 1]
+            o = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                v[s:e].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=gqa)
+            out[s:e] = o[0].transpose(0, 1)
 
     @staticmethod
     def supports(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
@@ -104,6 +143,17 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
         if plan.decode:
             self.ops.paged_attention_decode(out, q, key_cache, value_cache, plan.block_tables,
                                             plan.seq_lens, scale)
+            return out
+        if plan.sdpa_reqs:
+            self._fresh_prefills(out, q, k, v, md, plan, scale)
+            if plan.query_start_loc is None:
+                return out
+        if plan.op_rows is not None:
+            sub = torch.empty((len(plan.op_rows),) + tuple(q.shape[1:]), dtype=q.dtype)
+            self.ops.paged_attention_varlen(sub, q.index_select(0, plan.op_rows), key_cache,
+                                            value_cache, plan.block_tables, plan.seq_lens,
+                                            plan.query_start_loc, scale)
+            out.index_copy_(0, plan.op_rows, sub)
             return out
         self.ops.paged_attention_varlen(out, q, key_cache, value_cache, plan.block_tables,
                                         plan.seq_lens, plan.query_start_loc, scale,

@@ -16,6 +16,7 @@
 // torch has already loaded, so torch.set_num_threads governs this op too.
 #include <torch/extension.h>
 
+#include "fused_ops.h"
 #include "skinny_gemm.h"
 
 #include <algorithm>
@@ -32,6 +33,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SPRUCE_PA_AVX2 1
+#if defined(__AVX512F__)
+#define SPRUCE_PA_AVX512 1
+#endif
 #endif
 
 namespace {
@@ -250,6 +254,112 @@ void pv_rows(const T* v, const int64_t* offs, int64_t n, const float* p, int64_t
   for (; c < d; c += 8) pv_tile<T, NG, 1>(v, offs, n, p, ps, c, acc, acc_stride);
 }
 
+#ifdef SPRUCE_PA_AVX512
+// AVX-512 versions of the score and P @ V passes (head_dim a multiple of 16): twice the lanes,
+// and 32 registers let one K row, once widened, serve three query rows x eight tokens of
+// accumulators -- the AVX2 pass widens each K chunk once per query row.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m256 fold256(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// s[g * ps + i] = q[g] . K[kr[i]] for NG rows and 8 tokens.
+template <typename T, int NG>
+inline void qk8_512(const T* const* kr, const float* q, int64_t d, float* s, int64_t ps) {
+  __m512 a[NG][8];
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < 8; ++i) a[g][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 qv[NG];
+    for (int g = 0; g < NG; ++g) qv[g] = _mm512_loadu_ps(q + g * d + c);
+    for (int i = 0; i < 8; ++i) {
+      const __m512 kv = load16(kr[i] + c);
+      for (int g = 0; g < NG; ++g) a[g][i] = _mm512_fmadd_ps(qv[g], kv, a[g][i]);
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i) h[i] = fold256(a[g][i]);
+    _mm256_storeu_ps(s + g * ps, reduce8(h));
+  }
+}
+
+template <typename T>
+void scores_avx512(const T* kbase, const int64_t* offs, int64_t n, int64_t nh, int64_t rph,
+                   const float* q, const int64_t* lim, int64_t d, float* scores, int64_t ps,
+                   int64_t run_bytes) {
+  auto prefetch_run = [run_bytes](const T* p) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t b = 0; b < run_bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+  };
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    for (int64_t i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_run(kbase + offs[i]);
+    for (int64_t hl = 0; hl < nh; ++hl) {
+      const T* kr[8];
+      for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[t + i] + hl * d;
+      for (int64_t r = hl * rph, end = (hl + 1) * rph; r < end; r += 3) {
+        const int64_t ng = std::min<int64_t>(3, end - r);
+        if (lim[r + ng - 1] <= t) continue;   // lim grows along a head's rows
+        float* s = scores + r * ps + t;
+        if (ng == 3) qk8_512<T, 3>(kr, q + r * d, d, s, ps);
+        else if (ng == 2) qk8_512<T, 2>(kr, q + r * d, d, s, ps);
+        else qk8_512<T, 1>(kr, q + r * d, d, s, ps);
+      }
+    }
+  }
+  for (; t < n; ++t) {
+    for (int64_t r = 0; r < nh * rph; ++r) {
+      if (lim[r] <= t) continue;
+      const T* kr = kbase + offs[t] + (r / rph) * d;
+      const float* qr = q + r * d;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), load16(kr + c), a);
+      scores[r * ps + t] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+template <typename T, int NG, int NR>
+void pv_tile512(const T* v, const int64_t* offs, int64_t n, const float* p, int64_t ps, int64_t c0,
+                float* acc, int64_t acc_stride) {
+  __m512 a[NG][NR];
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < NR; ++j) a[g][j] = _mm512_loadu_ps(acc + g * acc_stride + c0 + 16 * j);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vr = v + offs[t] + c0;
+    __m512 w[NG];
+    for (int g = 0; g < NG; ++g) w[g] = _mm512_set1_ps(p[g * ps + t]);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 x = load16(vr + 16 * j);
+      for (int g = 0; g < NG; ++g) a[g][j] = _mm512_fmadd_ps(w[g], x, a[g][j]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc + g * acc_stride + c0 + 16 * j, a[g][j]);
+}
+
+template <typename T, int NG>
+void pv_rows512(const T* v, const int64_t* offs, int64_t n, const float* p, int64_t ps, int64_t d,
+                float* acc, int64_t acc_stride) {
+  int64_t c = 0;
+  for (; c + 128 <= d; c += 128) pv_tile512<T, NG, 8>(v, offs, n, p, ps, c, acc, acc_stride);
+  for (; c + 64 <= d; c += 64) pv_tile512<T, NG, 4>(v, offs, n, p, ps, c, acc, acc_stride);
+  for (; c + 32 <= d; c += 32) pv_tile512<T, NG, 2>(v, offs, n, p, ps, c, acc, acc_stride);
+  for (; c < d; c += 16) pv_tile512<T, NG, 1>(v, offs, n, p, ps, c, acc, acc_stride);
+}
+#endif  // SPRUCE_PA_AVX512
+
 // One item, head_dim a multiple of 8. The item covers nh consecutive KV heads (kbase/vbase point
 // at the first; the next is d elements on) and rph rows per head, rows head-major: R = nh * rph.
 // q: [R, d] pre-scaled; lim[r]: tokens row r may see, counted from the item's first token (0..n),
@@ -269,7 +379,17 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
     const char* c = reinterpret_cast<const char*>(p);
     for (int64_t b = 0; b < run_bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
   };
+#ifdef SPRUCE_PA_AVX512
+  const bool wide = d % 16 == 0;
+#else
+  const bool wide = false;
+#endif
   constexpr int64_t kAhead = 16;
+  if (wide) {
+#ifdef SPRUCE_PA_AVX512
+    scores_avx512<T>(kbase, offs, n, nh, rph, q, lim, d, scores, ps, run_bytes);
+#endif
+  } else {
   for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
   int64_t t = 0;
   for (; t + 8 <= n; t += 8) {
@@ -301,6 +421,7 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
       scores[r * ps + t] = hsum(a);
     }
   }
+  }  // !wide
   // Pass 2: softmax numerators in place; everything past a row's limit becomes an exact 0 so the
   // row tiles of pass 3 can run to the tile's longest row.
   for (int64_t r = 0; r < rows; ++r) {
@@ -366,6 +487,14 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
         if (nt <= 0) continue;
         const float* p = scores + r * ps + w0;
         float* a = acc + r * d;
+#ifdef SPRUCE_PA_AVX512
+        if (wide) {
+          if (ng == 3) pv_rows512<T, 3>(vb, offs + w0, nt, p, ps, d, a, d);
+          else if (ng == 2) pv_rows512<T, 2>(vb, offs + w0, nt, p, ps, d, a, d);
+          else pv_rows512<T, 1>(vb, offs + w0, nt, p, ps, d, a, d);
+          continue;
+        }
+#endif
         if (ng == 3)
           pv_rows<T, 3>(vb, offs + w0, nt, p, ps, d, a, d);
         else if (ng == 2)
@@ -829,4 +958,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[m,n] = x[m,k] @ dequant(w)[n,k]^T (+ bias) for GGUF Q4_1 (format 0) / Q8_0 (format 1) blocks",
         py::arg("out"), py::arg("x"), py::arg("format"), py::arg("qs"), py::arg("scale"),
         py::arg("min") = py::none(), py::arg("bias") = py::none(), py::arg("force_scalar") = false);
+  m.def("rms_norm", &rms_norm, "out = x * rsqrt(mean(x^2) + eps) * weight, per row (fp32 / bf16)");
+  m.def("add_rms_norm", &add_rms_norm,
+        "residual += x in place, then out = rms_norm(residual) * weight");
+  m.def("set_force_scalar_elementwise", &set_force_scalar_elementwise,
+        "use the portable loops of the fused elementwise ops (tests)");
+  m.def("silu_and_mul", &silu_and_mul, "out = silu(gate_up[:, :d]) * gate_up[:, d:]");
+  m.def("rope_inplace", &rope_inplace,
+        "qk[t, h] = qk * cos[pos[t]] + rotate_half(qk) * sin[pos[t]] in place (sin signed)");
 }

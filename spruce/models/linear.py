@@ -26,6 +26,11 @@ SKINNY_MAX_ROWS = 96
 # In a bf16 model, rows up to which linears read the quantized blocks (SkinnyCPULinear._bf16). Not
 # yet tuned: oneDNN's bf16 GEMM runs at ~20 GFLOP/s at 1 row and ~750 at 64 on the AMX dev box.
 BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "8"))
+# In a bf16 model, rows up to which linears run oneDNN on a weight reordered once into its blocked
+# layout. F.linear reorders the weight on every call; at decode sizes that is a third to a half of
+# the call (SmolLM2's shapes on the AMX dev box: 1.3-2x faster from 2 to 256 rows, mixed at 512).
+BF16_PACKED_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_PACKED_MAX_ROWS", "256"))
+_PACK_BATCH_HINT = 64   # the batch size oneDNN picks the blocked layout for
 
 
 class TorchLinear:
@@ -48,6 +53,8 @@ class SkinnyCPULinear(TorchLinear):
         # data_ptr -> (weight, its version when registered, QuantWeight). The version check drops
         # a copy whose weight was written in place since.
         self._quantized: dict[int, tuple[torch.Tensor, int, QuantWeight]] = {}
+        # data_ptr -> (weight, version, oneDNN-packed copy); None once packing proved unavailable.
+        self._packed: Optional[dict[int, tuple[torch.Tensor, int, torch.Tensor]]] = {}
 
     def register_quantized(self, w: torch.Tensor, q: QuantWeight) -> None:
         if tuple(q.shape) != tuple(w.shape):
@@ -91,9 +98,29 @@ class SkinnyCPULinear(TorchLinear):
         # machine's bandwidth. There the weight's quantized blocks (a quarter of the bytes) are
         # read instead, in fp32 on the exact dequantized values, and the result rounded to bf16.
         q = self._quant_copy(w) if x.shape[0] <= BF16_QUANT_MAX_ROWS else None
-        if q is None:
-            return F.linear(x, w, b)
-        return self._quant_linear(x.float(), q, None if b is None else b.float()).to(torch.bfloat16)
+        if q is not None:
+            return self._quant_linear(x.float(), q, None if b is None else b.float()).to(torch.bfloat16)
+        if x.shape[0] <= BF16_PACKED_MAX_ROWS and x.stride(-1) == 1:
+            packed = self._packed_copy(w)
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return F.linear(x, w, b)
+
+    def _packed_copy(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """w reordered into oneDNN's blocked bf16 layout, made on first use (one more copy of the
+        weight's bytes); None where this torch build or CPU cannot."""
+        if self._packed is None or not w.is_contiguous():
+            return None
+        entry = self._packed.get(w.data_ptr())
+        if entry is not None and entry[0] is w and entry[1] == w._version:
+            return entry[2]
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            self._packed = None
+            return None
+        self._packed[w.data_ptr()] = (w, w._version, packed)
+        return packed
 
 
 def get_linear(device, dtype: torch.dtype) -> TorchLinear:

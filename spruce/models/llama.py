@@ -17,6 +17,7 @@ from torch import nn
 
 from spruce.attention.backend import AttentionBackend, get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
+from spruce.models.elementwise import TorchElementwise, _rms_norm, get_elementwise
 from spruce.models.linear import TorchLinear, get_linear
 from spruce.models.quant import QuantWeight
 
@@ -149,11 +150,8 @@ def rope_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, float]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch's fused RMSNorm. In reduced precision, transformers rounds the normalised x to the
-    model dtype before scaling by the weight; doing the same keeps bf16 outputs bit-compatible."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+    """torch's RMSNorm as transformers rounds it (the torch path of the model's elementwise op)."""
+    return _rms_norm(x, weight, eps)
 
 
 class LlamaLayer(nn.Module):
@@ -175,31 +173,34 @@ class LlamaLayer(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(2 * c.intermediate_size, h, **kw))
         self.down_proj = nn.Parameter(torch.empty(h, c.intermediate_size, **kw))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], md: AttentionMetadata,
-                backend: AttentionBackend, linear: TorchLinear) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor],
+                md: AttentionMetadata, backend: AttentionBackend, linear: TorchLinear,
+                ew: TorchElementwise) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the residual add is left to
+        the next norm, which fuses it. residual=None for the first layer (x is the stream)."""
         t = x.shape[0]
-        h = rms_norm(x, self.input_norm, self.eps)
+        if residual is None:
+            h, residual = ew.rms_norm(x, self.input_norm, self.eps), x
+        else:
+            h, residual = ew.add_rms_norm(x, residual, self.input_norm, self.eps)
         qkv = linear(h, self.qkv_proj, self.qkv_bias)
         qk = qkv[:, :self.q_size + self.kv_size].view(t, self.nh + self.nkv, self.hd)
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (self.hd,), None, self.eps) * self.qk_norm
-        # rotate_half(x) = cat(-x2, x1); the minus sign lives in `sin`, so rotating = swapping halves.
-        half = self.hd // 2
-        qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), -1), sin)
+        qk = ew.rope(qk, positions, *rope)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.nkv, self.hd)
         o = backend.forward(qk[:, :self.nh], qk[:, self.nh:], v, kv_cache[0], kv_cache[1], md,
                             self.hd ** -0.5)
-        x = x + linear(o.reshape(t, self.q_size), self.o_proj)
-        h = rms_norm(x, self.post_norm, self.eps)
-        gate, up = linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down_proj)
+        h, residual = ew.add_rms_norm(linear(o.reshape(t, self.q_size), self.o_proj), residual,
+                                      self.post_norm, self.eps)
+        return linear(ew.silu_and_mul(linear(h, self.gate_up_proj)), self.down_proj), residual
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu",
                  max_model_len: Optional[int] = None, backend: Optional[AttentionBackend] = None,
-                 linear: Optional[TorchLinear] = None):
+                 linear: Optional[TorchLinear] = None, elementwise: Optional[TorchElementwise] = None):
         super().__init__()
         self.config = config
         kw = dict(dtype=dtype, device=device)
@@ -210,14 +211,14 @@ class LlamaForCausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size, **kw))
         self.backend = backend or get_attention_backend(device)
         self.linear = linear or get_linear(device, dtype)
+        self.elementwise = elementwise or get_elementwise(device, dtype)
         self.max_model_len = max_model_len or config.max_position_embeddings
         inv_freq, attn_scale = rope_inv_freq(config)
         freqs = torch.arange(self.max_model_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cos, sin = freqs.cos() * attn_scale, freqs.sin() * attn_scale
-        # [max_len, 1, D] so a gather by positions broadcasts over heads; cast to the model dtype
-        # as transformers does before applying.
-        self.register_buffer("rope_cos", torch.cat((cos, cos), -1)[:, None, :].to(**kw), persistent=False)
-        self.register_buffer("rope_sin", torch.cat((-sin, sin), -1)[:, None, :].to(**kw), persistent=False)
+        # [max_len, D], cast to the model dtype as transformers does before applying.
+        self.register_buffer("rope_cos", torch.cat((cos, cos), -1).to(**kw), persistent=False)
+        self.register_buffer("rope_sin", torch.cat((-sin, sin), -1).to(**kw), persistent=False)
         self.requires_grad_(False)
 
     @property
@@ -227,12 +228,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: AttentionMetadata) -> torch.Tensor:
         """Flat batch -> final-normed hidden states [T, hidden] (feed selected rows to compute_logits)."""
-        x = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        positions = positions.contiguous()
+        rope, ew = (self.rope_cos, self.rope_sin), self.elementwise
         self.backend.prepare(attn_metadata)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, attn_metadata, self.backend, self.linear)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, positions, rope, kv, attn_metadata, self.backend,
+                                self.linear, ew)
+        if residual is None:
+            return ew.rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return ew.add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens if self.lm_head is None else self.lm_head

@@ -96,7 +96,7 @@ def dense_forward(model: LlamaForCausalLM, input_ids: torch.Tensor) -> torch.Ten
     b, t = input_ids.shape
     x = F.embedding(input_ids, model.embed_tokens)
     pos = torch.arange(t, device=input_ids.device)
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]           # [T, 1, D]
+    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]   # [T, 1, D]
     for layer in model.layers:
         h = rms_norm(x, layer.input_norm, layer.eps)
         qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias)

@@ -260,6 +260,25 @@ def test_backend_mixed_batch_with_tree_masks(native):
     assert_matches_torch(b, native)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_others", [False, True])
+def test_fresh_prefills_run_through_sdpa(native, dtype, with_others):
+    """Whole-prompt prefills of at least SDPA_MIN_TOKENS go to torch's SDPA on the batch's own
+    K/V; decodes, chunk continuations and short prompts in the same batch go to the op."""
+    from spruce.attention.native_cpu import SDPA_MIN_TOKENS
+    seq_lens, query_lens = [SDPA_MIN_TOKENS, 200], [SDPA_MIN_TOKENS, 200]
+    if with_others:   # a decode, a chunk continuation, a short whole prompt, between the fresh ones
+        seq_lens = [SDPA_MIN_TOKENS, 57, 90, 5, 200]
+        query_lens = [SDPA_MIN_TOKENS, 1, 40, 5, 200]
+    b = Batch(seq_lens, query_lens, 9, 3, 64, dtype=dtype, seed=4)
+    native.prepare(b.md)
+    plan = b.md._native_plan
+    assert plan.sdpa_reqs == (0, len(seq_lens) - 1)
+    assert (plan.op_rows is not None) == with_others
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert_matches_torch(b, native, **tol)
+
+
 _WIDE = TokenTree(range(7), [-1, 0, 0, 0, 1, 2, 3]).ancestor_mask()   # 3 branches of 2
 _CHAIN = TokenTree(range(4), [-1, 0, 1, 2]).ancestor_mask()
 _DEEP = TokenTree(range(6), [-1, 0, 0, 1, 2, 3]).ancestor_mask()
