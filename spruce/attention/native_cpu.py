@@ -7,7 +7,8 @@ as well, with their ancestor masks (a flat bool buffer plus per-request offsets)
 costs one kernel call per layer, not one per request; a mask whose shape does not match the
 request's query length (never made by the engine) falls back to TorchAttentionBackend's
 per-request path, and caches the op does not take (another device or dtype) go wholly to the torch
-backend, whose subclass this is.
+backend, whose subclass this is. A request whose whole context is this step's tokens (a cold
+prompt of at least SDPA_MIN_TOKENS) is attended by torch's SDPA over the batch's own K/V instead.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@
 // every thread busy (one long request), the context is also split into partitions whose partial
 // results are merged by their log-sum-exp (flash-decoding).
 //
+// Kernels: AVX-512 for the score and P @ V passes where the build has it (head_dim % 16 == 0),
+// AVX2 otherwise, and portable loops for any head_dim.
+//
 // Threads come from OpenMP with at::get_num_threads(): the extension links the same libgomp that
 // torch has already loaded, so torch.set_num_threads governs this op too.
 #include <torch/extension.h>

@@ -197,3 +197,26 @@ def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
                 assert calls == []
                 want = F.linear(x.float(), w32, b.float()).to(torch.bfloat16)
                 torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+def test_bf16_mid_sizes_run_a_packed_weight_until_it_changes(ops):
+    """Between the quantized-block sizes and BF16_PACKED_MAX_ROWS a bf16 weight is reordered once
+    for oneDNN and reused; writing the weight in place drops the stale copy."""
+    from spruce.models.linear import BF16_PACKED_MAX_ROWS, BF16_QUANT_MAX_ROWS
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    lin = SkinnyCPULinear(ops)
+    with torch.no_grad():
+        for m in (BF16_QUANT_MAX_ROWS + 1, 64, BF16_PACKED_MAX_ROWS, BF16_PACKED_MAX_ROWS + 1):
+            x = torch.randn(m, 64, generator=g).bfloat16()
+            want = F.linear(x.float(), w.float(), b.float())
+            torch.testing.assert_close(lin(x, w, b).float(), want, atol=0.1, rtol=0.02)
+        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return   # no packing here: the outputs above came from F.linear
+        assert lin._packed is not None and len(lin._packed) == 1
+        packed = lin._packed[w.data_ptr()][2]
+        w.mul_(-1)
+        x = torch.randn(16, 64, generator=g).bfloat16()
+        torch.testing.assert_close(lin(x, w).float(), F.linear(x.float(), w.float()), atol=0.1, rtol=0.02)
+        assert lin._packed[w.data_ptr()][2] is not packed
