@@ -56,8 +56,9 @@ def cflags() -> list[str]:
     cpu = _cpu_flags()
     if sys.platform.startswith("linux") and {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])
-        # The fused elementwise ops are plain loops the compiler vectorises: 16 lanes where the
-        # CPU has AVX-512 (GCC would otherwise keep 8 for generic tuning).
+        # AVX-512 kernels (the fused elementwise ops, attention's score and P @ V passes) where
+        # the CPU has it; 512-bit lanes for the loops left to the compiler too (GCC would keep 256
+        # for generic tuning).
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu:
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                       "-mprefer-vector-width=512"]
@@ -155,6 +156,25 @@ def load_native_ops(verbose: bool = False, announce: bool = True) -> Optional[Mo
                 logger.warning("spruce: native CPU attention ops unavailable (%s); using the torch "
                                "backend", _error)
         return _ops
+
+
+def cpu_ops_for(env_var: str, device, dtype: torch.dtype, needs: str) -> Optional[ModuleType]:
+    """The ops module for a model-side op with an fp32/bf16 CPU kernel, or None for its torch path.
+    $env_var=auto|torch|native: `torch` forces None, `native` raises where the kernel cannot be
+    had (another device or dtype, or a build without `needs`) instead of silently falling back."""
+    want = os.environ.get(env_var, "auto").lower()
+    if want not in ("auto", "torch", "native"):
+        raise ValueError(f"{env_var} must be auto, torch or native, got {want!r}")
+    if want == "torch" or torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        if want == "native":
+            raise ValueError(f"{env_var}=native needs a float32 or bfloat16 model on CPU")
+        return None
+    ops = load_native_ops()
+    if ops is None or not hasattr(ops, needs):
+        if want == "native":
+            raise RuntimeError(f"{env_var}=native but the native ops did not build")
+        return None
+    return ops
 
 
 def load_error() -> Optional[str]:

@@ -9,9 +9,8 @@
 // within a rounding of it: RMSNorm rounds x * rsqrt(mean(x^2) + eps) to the dtype before scaling
 // by the weight; SiLU rounds silu(gate) before multiplying by up; the residual sum is rounded.
 //
-// The loops are plain C++ over fp32 lanes (bf16 is converted with integer ops, exp is a
-// polynomial), written so the compiler vectorises them for whatever ISA the build enables
-// (AVX-512 on the dev box, AVX2, or SSE).
+// Each op has an AVX-512 kernel (16 fp32 lanes, masked tails) where the build enables it, and a
+// portable loop over fp32 values otherwise (bf16 converted with integer ops, exp a polynomial).
 #include "fused_ops.h"
 
 #include <ATen/Parallel.h>
@@ -115,7 +114,7 @@ inline __m512 vround(const float*, __m512 v) { return v; }
 inline __m512 vround(const uint16_t*, __m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
 }
-// exp as in exp_neg below, over the whole float range (clamped to +-88; scalef does 2^n).
+// exp as exp_neg above does it, over the whole float range (clamped to +-88; scalef does 2^n).
 inline __m512 vexp(__m512 x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -303,30 +302,29 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
               ", expected ", a.scalar_type());
 }
 
-}  // namespace
-
-void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+void check_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const char* op) {
   check_rows(x, "x", 2);
   check_rows(out, "out", 2);
   check_same(x, out, "out");
   check_same(x, weight, "weight");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && out.sizes() == x.sizes(),
-              "rms_norm: shapes do not match");
+              op, ": shapes do not match");
+}
+
+}  // namespace
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm(out, x, weight, "rms_norm");
   if (x.scalar_type() == at::kFloat) rms_norm_rows<float>(out, x, nullptr, weight, eps);
   else rms_norm_rows<c10::BFloat16>(out, x, nullptr, weight, eps);
 }
 
 void add_rms_norm(at::Tensor out, at::Tensor residual, const at::Tensor& x, const at::Tensor& weight,
                   double eps) {
-  check_rows(x, "x", 2);
-  check_rows(out, "out", 2);
+  check_norm(out, x, weight, "add_rms_norm");
   check_rows(residual, "residual", 2);
-  check_same(x, out, "out");
   check_same(x, residual, "residual");
-  check_same(x, weight, "weight");
-  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && out.sizes() == x.sizes() &&
-                  residual.sizes() == x.sizes(),
-              "add_rms_norm: shapes do not match");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "add_rms_norm: shapes do not match");
   if (x.scalar_type() == at::kFloat) rms_norm_rows<float>(out, x, &residual, weight, eps);
   else rms_norm_rows<c10::BFloat16>(out, x, &residual, weight, eps);
 }

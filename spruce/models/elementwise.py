@@ -11,13 +11,13 @@ backend.
 """
 from __future__ import annotations
 
-import os
 import torch
 import torch.nn.functional as F
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers rounds the normalised x to the model dtype before scaling by the weight.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's RMSNorm as transformers rounds it: in reduced precision the normalised x is rounded
+    to the model dtype before scaling by the weight, which keeps bf16 outputs bit-compatible."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
@@ -27,13 +27,13 @@ class TorchElementwise:
     name = "torch"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return _rms_norm(x, weight, eps)
+        return rms_norm(x, weight, eps)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual), x + residual). The native op updates `residual` in place."""
         residual = x + residual
-        return _rms_norm(residual, weight, eps), residual
+        return rms_norm(residual, weight, eps), residual
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
@@ -91,19 +91,8 @@ class NativeElementwise(TorchElementwise):
 
 
 def get_elementwise(device, dtype: torch.dtype) -> TorchElementwise:
-    """The native ops on CPU in fp32/bf16 when they are built (SPRUCE_ELEMENTWISE_BACKEND=torch
-    forces torch), else torch."""
-    want = os.environ.get("SPRUCE_ELEMENTWISE_BACKEND", "auto").lower()
-    if want not in ("auto", "torch", "native"):
-        raise ValueError(f"SPRUCE_ELEMENTWISE_BACKEND must be auto, torch or native, got {want!r}")
-    if want == "torch" or torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        if want == "native":
-            raise ValueError("SPRUCE_ELEMENTWISE_BACKEND=native needs a float32 or bfloat16 model on CPU")
-        return TorchElementwise()
-    from spruce.attention._build import load_native_ops
-    ops = load_native_ops()
-    if ops is None or not hasattr(ops, "silu_and_mul"):
-        if want == "native":
-            raise RuntimeError("SPRUCE_ELEMENTWISE_BACKEND=native but the native ops did not build")
-        return TorchElementwise()
-    return NativeElementwise(ops)
+    """The native ops on CPU in fp32/bf16 when they are built (SPRUCE_ELEMENTWISE_BACKEND=torch|native
+    forces a choice), else torch."""
+    from spruce.attention._build import cpu_ops_for
+    ops = cpu_ops_for("SPRUCE_ELEMENTWISE_BACKEND", device, dtype, needs="silu_and_mul")
+    return TorchElementwise() if ops is None else NativeElementwise(ops)

@@ -126,17 +126,6 @@ class SkinnyCPULinear(TorchLinear):
 def get_linear(device, dtype: torch.dtype) -> TorchLinear:
     """The native op for fp32 or bf16 on CPU when it is built (SPRUCE_LINEAR_BACKEND=torch|native
     forces a choice), else torch."""
-    want = os.environ.get("SPRUCE_LINEAR_BACKEND", "auto").lower()
-    if want not in ("auto", "torch", "native"):
-        raise ValueError(f"SPRUCE_LINEAR_BACKEND must be auto, torch or native, got {want!r}")
-    if want == "torch" or torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        if want == "native":
-            raise ValueError("SPRUCE_LINEAR_BACKEND=native needs a float32 or bfloat16 model on CPU")
-        return TorchLinear()
-    from spruce.attention._build import load_native_ops
-    ops = load_native_ops()
-    if ops is None or not hasattr(ops, "skinny_linear"):
-        if want == "native":
-            raise RuntimeError("SPRUCE_LINEAR_BACKEND=native but the native ops did not build")
-        return TorchLinear()
-    return SkinnyCPULinear(ops)
+    from spruce.attention._build import cpu_ops_for
+    ops = cpu_ops_for("SPRUCE_LINEAR_BACKEND", device, dtype, needs="skinny_linear")
+    return TorchLinear() if ops is None else SkinnyCPULinear(ops)

@@ -17,7 +17,7 @@ from torch import nn
 
 from spruce.attention.backend import AttentionBackend, get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
-from spruce.models.elementwise import TorchElementwise, _rms_norm, get_elementwise
+from spruce.models.elementwise import TorchElementwise, get_elementwise
 from spruce.models.linear import TorchLinear, get_linear
 from spruce.models.quant import QuantWeight
 
@@ -147,11 +147,6 @@ def rope_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, float]:
         extra = 1 - ramp
         return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra, float(attn)
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn)")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch's RMSNorm as transformers rounds it (the torch path of the model's elementwise op)."""
-    return _rms_norm(x, weight, eps)
 
 
 class LlamaLayer(nn.Module):

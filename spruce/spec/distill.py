@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from spruce.models.llama import LlamaConfig, LlamaForCausalLM, rms_norm
+from spruce.models.elementwise import rms_norm
+from spruce.models.llama import LlamaConfig, LlamaForCausalLM
 from spruce.spec.draft import DRAFT_CONFIG_KEY, DRAFT_VOCAB_FILE
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
