@@ -19,6 +19,7 @@
 // torch has already loaded, so torch.set_num_threads governs this op too.
 #include <torch/extension.h>
 
+#include "amx_gemm.h"
 #include "fused_ops.h"
 #include "skinny_gemm.h"
 
@@ -961,6 +962,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[m,n] = x[m,k] @ dequant(w)[n,k]^T (+ bias) for GGUF Q4_1 (format 0) / Q8_0 (format 1) blocks",
         py::arg("out"), py::arg("x"), py::arg("format"), py::arg("qs"), py::arg("scale"),
         py::arg("min") = py::none(), py::arg("bias") = py::none(), py::arg("force_scalar") = false);
+  m.def("amx_available", &amx_available, "whether the AMX bf16 GEMM was built and the OS grants AMX");
+  m.def("amx_pack_weight", &amx_pack_weight, "w[n,k] bf16 -> its AMX B-tile layout for amx_linear");
+  m.def("amx_linear", &amx_linear, "out[m,n] = x[m,k] @ w[n,k]^T (+ bias), bf16 on AMX, w packed",
+        py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none());
   m.def("rms_norm", &rms_norm, "out = x * rsqrt(mean(x^2) + eps) * weight, per row (fp32 / bf16)");
   m.def("add_rms_norm", &add_rms_norm,
         "residual += x in place, then out = rms_norm(residual) * weight");

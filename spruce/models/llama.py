@@ -330,8 +330,7 @@ class LlamaForCausalLM(nn.Module):
             if len({p.format for _, p in parts}) != 1:
                 continue
             q = QuantWeight.cat([p for _, p in parts]) if len(parts) > 1 else parts[0][1]
-            if q.shape == tuple(dst.shape):   # every row covered
-                register(dst, q)
+            if q.shape == tuple(dst.shape) and register(dst, q):   # every row covered
                 done += 1
         return done
 

@@ -180,7 +180,9 @@ def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
             calls.append(name)
             return getattr(ops, name)
     lin.ops = Spy()
-    lin.register_quantized(w, q)
+    amx = ops.amx_available()
+    # With AMX the blocks are not kept: the AMX GEMM on the bf16 weight is faster at every size.
+    assert lin.register_quantized(w, q) is not amx and lin.num_quantized == (0 if amx else 1)
     b = torch.randn(16).to(torch.bfloat16)
     with torch.no_grad():
         for m in (1, BF16_QUANT_MAX_ROWS, BF16_QUANT_MAX_ROWS + 1):
@@ -188,20 +190,25 @@ def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
             x = torch.randn(m, 64).to(torch.bfloat16)
             got = lin(x, w, b)
             assert got.dtype == torch.bfloat16 and got.shape == (m, 16)
-            if m <= BF16_QUANT_MAX_ROWS:   # fp32 on the exact values, then one rounding
+            if amx:
+                assert calls[-1] == "amx_linear"
+                want = (x.float() @ w32.bfloat16().float().t() + b.float()).bfloat16()
+                torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=1 / 128)
+            elif m <= BF16_QUANT_MAX_ROWS:   # fp32 on the exact values, then one rounding
                 assert calls == ["quant_linear"]
                 exact = torch.empty(m, 16)
                 ops.skinny_linear(exact, x.float(), w32, b.float())
                 assert torch.equal(got, exact.to(torch.bfloat16))
             else:
-                assert calls == []
+                assert "quant_linear" not in calls
                 want = F.linear(x.float(), w32, b.float()).to(torch.bfloat16)
                 torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
 def test_bf16_mid_sizes_run_a_packed_weight_until_it_changes(ops):
-    """Between the quantized-block sizes and BF16_PACKED_MAX_ROWS a bf16 weight is reordered once
-    for oneDNN and reused; writing the weight in place drops the stale copy."""
+    """Between the quantized-block sizes and BF16_PACKED_MAX_ROWS a bf16 weight is packed once --
+    into AMX tiles where the CPU has them, else oneDNN's blocked layout -- and reused; writing the
+    weight in place drops the stale copy."""
     from spruce.models.linear import BF16_PACKED_MAX_ROWS, BF16_QUANT_MAX_ROWS
     g = torch.Generator().manual_seed(9)
     w = torch.randn(48, 64, generator=g).bfloat16()
@@ -212,11 +219,79 @@ def test_bf16_mid_sizes_run_a_packed_weight_until_it_changes(ops):
             x = torch.randn(m, 64, generator=g).bfloat16()
             want = F.linear(x.float(), w.float(), b.float())
             torch.testing.assert_close(lin(x, w, b).float(), want, atol=0.1, rtol=0.02)
-        if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return   # no packing here: the outputs above came from F.linear
-        assert lin._packed is not None and len(lin._packed) == 1
-        packed = lin._packed[w.data_ptr()][2]
+        layout = "amx" if ops.amx_available() else "onednn"
+        if layout == "onednn" and (not torch.backends.mkldnn.is_available()
+                                   or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            assert lin._packed == {}   # no packing here: the outputs above came from F.linear
+            return
+        assert list(lin._packed) == [(layout, w.data_ptr())]
+        packed = lin._packed[layout, w.data_ptr()][2]
         w.mul_(-1)
         x = torch.randn(16, 64, generator=g).bfloat16()
         torch.testing.assert_close(lin(x, w).float(), F.linear(x.float(), w.float()), atol=0.1, rtol=0.02)
-        assert lin._packed[w.data_ptr()][2] is not packed
+        assert lin._packed[layout, w.data_ptr()][2] is not packed
+
+
+def test_bf16_wide_weights_above_32_rows_go_to_onednn(ops):
+    """The rule from the module doc: an lm_head-wide weight runs AMX only up to AMX_WIDE_MAX_ROWS."""
+    from spruce.models.linear import AMX_WIDE_COLUMNS, AMX_WIDE_MAX_ROWS
+    if not ops.amx_available():
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(AMX_WIDE_COLUMNS + 16, 32, generator=g).bfloat16()
+    lin = SkinnyCPULinear(ops)
+    with torch.no_grad():
+        for m in (AMX_WIDE_MAX_ROWS, AMX_WIDE_MAX_ROWS + 1):
+            x = torch.randn(m, 32, generator=g).bfloat16()
+            want = F.linear(x.float(), w.float())
+            torch.testing.assert_close(lin(x, w).float(), want, atol=0.1, rtol=0.02)
+    layouts = {layout for layout, _ in lin._packed}
+    assert "amx" in layouts and ("onednn" in layouts or "onednn" in lin._no_layout)
+
+
+def _amx_reference(x, w, b):
+    want = x.float() @ w.float().t()
+    return (want if b is None else want + b.float()).bfloat16()
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 37, 64, 256])
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 576), (960, 576), (64, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_linear_matches_fp32_to_one_rounding(ops, m, n, k, threads):
+    """fp32 accumulation of exact bf16 products, then one round to bf16: at most an ulp or so
+    from the fp32 reference (the sum order differs)."""
+    if not ops.amx_available():
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    packed = ops.amx_pack_weight(w)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            out = torch.full((m, n), float("nan")).bfloat16()
+            ops.amx_linear(out, x, packed, n, bias)
+            torch.testing.assert_close(out.float(), _amx_reference(x, w, bias).float(),
+                                       atol=0.02 * k ** 0.5, rtol=1 / 128)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_amx_linear_strided_rows_and_bad_shapes(ops):
+    if not ops.amx_available():
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(3)
+    x_buf = torch.randn(19, 96, generator=g).bfloat16()
+    w = torch.randn(32, 64, generator=g).bfloat16()
+    x = x_buf[:, 16:80]          # row stride 96, unit inner stride
+    out = torch.empty(19, 32).bfloat16()
+    ops.amx_linear(out, x, ops.amx_pack_weight(w), 32, None)
+    torch.testing.assert_close(out.float(), _amx_reference(x, w, None).float(), atol=0.2, rtol=1 / 128)
+    with pytest.raises(RuntimeError, match="amx_pack_weight"):
+        ops.amx_pack_weight(torch.randn(24, 64).bfloat16())     # 24 columns: not whole tiles
+    with pytest.raises(RuntimeError, match="packed must be"):
+        ops.amx_linear(out, x, ops.amx_pack_weight(w), 48, None)
+    with pytest.raises(RuntimeError, match="unit inner stride"):
+        ops.amx_linear(out, torch.randn(64, 19).bfloat16().t(), ops.amx_pack_weight(w), 32, None)
