@@ -10,14 +10,14 @@
 # Needs `make vllm-cpu-venv hf-model-dir`. SIDES="spruce vllm" and RUNS override;
 # the side spruce-thread is `spruce serve --engine-loop thread` (the default loop is a process).
 # vLLM runs with the environment of spruce/bench/peers.py (both cores for compute, 4 GiB KV) and
-# the dtype Spruce picks on this machine (DTYPE, default float32); each server starts once and
-# serves all rates.
+# the dtype Spruce's --dtype auto picks on this machine (DTYPE overrides); each server starts once
+# and serves all rates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_results/w3}
 SIDES=${SIDES:-"spruce vllm"}
 RUNS=${RUNS:-"inf:0 inf:1 inf:2 4:3 2:4"}
-DTYPE=${DTYPE:-float32}
+DTYPE=${DTYPE:-$(.venv/bin/python -c "import torch; from spruce.models.loader import dtype_auto; print(str(dtype_auto(torch.device('cpu'))).removeprefix('torch.'))")}
 PORT=${PORT:-8123}
 HF_DIR=${HF_DIR:-models_cache/smollm2-135m-hf}
 mkdir -p "$OUT"

@@ -29,6 +29,11 @@ MODES = {
     "draft-4": {"method": "draft_model", "model": "{draft}", "num_speculative_tokens": 4},
     "draft-8": {"method": "draft_model", "model": "{draft}", "num_speculative_tokens": 8},
     "draft-specinfer": {"method": "draft_model", "model": "{draft}", "tree": "specinfer"},
+    # Trees as deep as draft-4, wide where a weak draft's misses are: at the root (<3,1,1,1>), or
+    # the 3 paths of highest cumulative draft probability at every depth (beam).
+    "draft-tree4": {"method": "draft_model", "model": "{draft}", "tree": [3, 1, 1, 1]},
+    "draft-beam4": {"method": "draft_model", "model": "{draft}", "num_speculative_tokens": 4,
+                    "beam_width": 3},
     "merged": {"method": "merged", "tree": "specinfer", "methods": [
         {"method": "draft_model", "model": "{draft}"}, {"method": "ngram"}]},
 }

@@ -30,9 +30,11 @@ from spruce.models.quant import QuantWeight
 
 # Rows up to which the native op beats MKL on this model's shapes (see the module doc).
 SKINNY_MAX_ROWS = 96
-# In a bf16 model, rows up to which linears read the quantized blocks (SkinnyCPULinear._bf16). Not
-# yet tuned: oneDNN's bf16 GEMM runs at ~20 GFLOP/s at 1 row and ~750 at 64 on the AMX dev box.
-BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "8"))
+# In a bf16 model without AMX, rows up to which linears read the quantized blocks
+# (SkinnyCPULinear._bf16). On the Zen 4 dev box (AVX-512 BF16), SmolLM2's 120 layer linears took
+# 6.3 / 7.2 / 9.0 / 13.6 / 17.5 ms at 1 / 2 / 3 / 5 / 8 rows that way against oneDNN's
+# 11.1 / 11.7 / 9.9 / 10.3 / 11.3 ms: the blocks' fp32 FMAs become the bound from 4 rows on.
+BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "3"))
 # In a bf16 model, rows up to which linears run oneDNN on a weight reordered once into its blocked
 # layout. F.linear reorders the weight on every call; at decode sizes that is a third to a half of
 # the call (SmolLM2's shapes on the AMX dev box: 1.3-2x faster from 2 to 256 rows, mixed at 512).
@@ -118,9 +120,9 @@ class SkinnyCPULinear(TorchLinear):
     def _bf16(self, x, w, b):
         # A bf16 model. Where the CPU has AMX, the native AMX GEMM wins at every decode size, also
         # over the quantized blocks (1.1-2x at 1-8 rows on SmolLM2's shapes, weights cold). Else
-        # oneDNN's bf16 GEMM wins from a handful of rows up, but at decode sizes it reads the bf16
-        # weight at a fraction of the machine's bandwidth: there the weight's quantized blocks (a
-        # quarter of the bytes) are read instead, in fp32 on the exact dequantized values, and the
+        # oneDNN's bf16 GEMM wins from ~4 rows up, but at 1-3 rows it reads the bf16 weight at a
+        # fraction of the machine's bandwidth: there the weight's quantized blocks (a quarter of
+        # the bytes) are read instead, in fp32 on the exact dequantized values, and the
         # result rounded to bf16.
         m, (n, k) = x.shape[0], w.shape
         packed_rows = m <= BF16_PACKED_MAX_ROWS and x.stride(-1) == 1

@@ -417,8 +417,8 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
             max_tokens: int = 256, temperature: float = 0.8, top_logprobs: int = 20,
             time_budget_min: float = 28.0, gen_budget_min: Optional[float] = None,
             max_epochs: float = 10.0, max_steps: Optional[int] = None, lr: float = 1e-3,
-            batch_tokens: int = 4096, seed: int = 0, dtype: str = "float32",
-            samples_per_prompt: int = 2, num_threads: Optional[int] = None,
+            batch_tokens: int = 4096, seed: int = 0, dtype: str = "auto",
+            samples_per_prompt: int = 4, num_threads: Optional[int] = None,
             kv_cache_memory: str = "1GiB", _loaded=None, log=print) -> Path:
     """Generate, train, save (see the module doc). Returns the checkpoint directory."""
     from spruce.entrypoints.llm import LLM
@@ -485,7 +485,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=None, help="JSONL of {\"messages\": [...]} (default: packaged)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--samples-per-prompt", type=int, default=2, help="answers sampled per prompt")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="answers sampled per prompt")
     p.add_argument("--time-budget", type=float, default=28.0, help="minutes, generation + training")
     p.add_argument("--gen-budget", type=float, default=None, help="minutes for generation (default: half)")
     p.add_argument("--epochs", type=float, default=10.0)
@@ -493,7 +493,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="the target's dtype while generating")
+    p.add_argument("--dtype", default="auto", help="the target's dtype while generating (auto: the faster one here)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch threads (default: all cores; 1 is faster on a busy shared machine)")
     p.set_defaults(func=run)
