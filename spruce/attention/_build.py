@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 NAME = "spruce_native_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [CSRC / "paged_attention.cpp", CSRC / "skinny_gemm.cpp", CSRC / "fused_ops.cpp",
-           CSRC / "amx_gemm.cpp"]
-HEADERS = [CSRC / "skinny_gemm.h", CSRC / "fused_ops.h", CSRC / "amx_gemm.h"]
+           CSRC / "amx_gemm.cpp", CSRC / "quant_bf16.cpp"]
+HEADERS = [CSRC / "skinny_gemm.h", CSRC / "fused_ops.h", CSRC / "amx_gemm.h", CSRC / "quant_bf16.h"]
 
 _lock = threading.Lock()
 _loaded = False
@@ -63,9 +63,12 @@ def cflags() -> list[str]:
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu:
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                       "-mprefer-vector-width=512"]
-            # The bf16 GEMM on AMX tiles (spruce/csrc/amx_gemm.cpp) for decode-sized batches.
-            if {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu:
-                flags += ["-mamx-tile", "-mamx-bf16", "-mavx512bf16"]
+            # bf16 dot products on the quantized blocks (spruce/csrc/quant_bf16.cpp), and the bf16
+            # GEMM on AMX tiles (spruce/csrc/amx_gemm.cpp), for decode-sized batches.
+            if "avx512_bf16" in cpu:
+                flags += ["-mavx512bf16"]
+                if {"amx_tile", "amx_bf16"} <= cpu:
+                    flags += ["-mamx-tile", "-mamx-bf16"]
     return flags
 
 

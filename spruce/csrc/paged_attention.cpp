@@ -21,6 +21,7 @@
 
 #include "amx_gemm.h"
 #include "fused_ops.h"
+#include "quant_bf16.h"
 #include "skinny_gemm.h"
 
 #include <algorithm>
@@ -306,12 +307,14 @@ void scores_avx512(const T* kbase, const int64_t* offs, int64_t n, int64_t nh, i
   };
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
+  // Keys go 8 at a time, the last group padded with the last key (its extra scores land in the
+  // row's padding, ps >= n rounded up to 8), so a key's score is the same sum whatever n is: a
+  // query gets the same bits alone (decode) as in a longer query tile (speculative verify).
+  for (int64_t t = 0; t < n; t += 8) {
     for (int64_t i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_run(kbase + offs[i]);
     for (int64_t hl = 0; hl < nh; ++hl) {
       const T* kr[8];
-      for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[t + i] + hl * d;
+      for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[std::min(t + i, n - 1)] + hl * d;
       for (int64_t r = hl * rph, end = (hl + 1) * rph; r < end; r += 3) {
         const int64_t ng = std::min<int64_t>(3, end - r);
         if (lim[r + ng - 1] <= t) continue;   // lim grows along a head's rows
@@ -320,16 +323,6 @@ void scores_avx512(const T* kbase, const int64_t* offs, int64_t n, int64_t nh, i
         else if (ng == 2) qk8_512<T, 2>(kr, q + r * d, d, s, ps);
         else qk8_512<T, 1>(kr, q + r * d, d, s, ps);
       }
-    }
-  }
-  for (; t < n; ++t) {
-    for (int64_t r = 0; r < nh * rph; ++r) {
-      if (lim[r] <= t) continue;
-      const T* kr = kbase + offs[t] + (r / rph) * d;
-      const float* qr = q + r * d;
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < d; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), load16(kr + c), a);
-      scores[r * ps + t] = _mm512_reduce_add_ps(a);
     }
   }
 }
@@ -368,6 +361,24 @@ void pv_rows512(const T* v, const int64_t* offs, int64_t n, const float* p, int6
 // at the first; the next is d elements on) and rph rows per head, rows head-major: R = nh * rph.
 // q: [R, d] pre-scaled; lim[r]: tokens row r may see, counted from the item's first token (0..n),
 // nondecreasing within each head's rows. Produces per-row max m, sum l and unnormalised acc [R, d].
+// The softmax denominator, summed in fp64 and rounded once: with every term an fp32 value in
+// (0, 1], the result does not depend (beyond fp64 rounding, ~1e-16 relative) on which lane a term
+// falls in. A tree node's ancestors sit at other slots than the same tokens in plain decoding;
+// this keeps its attention output, and so speculative greedy output, equal to decoding's.
+inline float sum_exact_order_free(const float* s, int64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(s + i)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm_loadu_ps(s + i + 4)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(a0, a1));
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) sum += s[i];
+  return float(sum);
+}
+
 template <typename T>
 void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n, int64_t nh,
                  int64_t rph, const float* q, const int64_t* lim, const RowMasks& masks, int64_t d,
@@ -395,12 +406,12 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
 #endif
   } else {
   for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
+  // As scores_avx512: whole groups of 8 keys, the last padded, so scores do not depend on n.
+  for (int64_t t = 0; t < n; t += 8) {
     for (int64_t i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_run(kbase + offs[i]);
     for (int64_t hl = 0; hl < nh; ++hl) {
       const T* kr[8];
-      for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[t + i] + hl * d;
+      for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[std::min(t + i, n - 1)] + hl * d;
       for (int64_t r = hl * rph; r < (hl + 1) * rph; ++r) {
         if (lim[r] <= t) continue;
         const float* qr = q + r * d;
@@ -412,17 +423,6 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
         }
         _mm256_storeu_ps(scores + r * ps + t, reduce8(a));
       }
-    }
-  }
-  for (; t < n; ++t) {
-    for (int64_t r = 0; r < rows; ++r) {
-      if (lim[r] <= t) continue;
-      const T* kr = kbase + offs[t] + (r / rph) * d;
-      const float* qr = q + r * d;
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t c = 0; c < nc; ++c)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), load8(kr + 8 * c), a);
-      scores[r * ps + t] = hsum(a);
     }
   }
   }  // !wide
@@ -448,29 +448,19 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
     }
     int64_t i = 0;
     const __m256 mb = _mm256_set1_ps(mx);
-    __m256 sv = _mm256_setzero_ps();
-    for (; i + 8 <= nr; i += 8) {
-      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb));
-      _mm256_storeu_ps(s + i, e);
-      sv = _mm256_add_ps(sv, e);
-    }
-    float sum = hsum(sv);
+    for (; i + 8 <= nr; i += 8) _mm256_storeu_ps(s + i, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), mb)));
     if (i < nr) {  // tail through the same exp so every score gets identical rounding
       alignas(32) float tmp[8];
       for (int j = 0; j < 8; ++j) tmp[j] = i + j < nr ? s[i + j] - mx : -100.f;
       _mm256_store_ps(tmp, exp256(_mm256_load_ps(tmp)));
-      for (int64_t j = 0; i + j < nr; ++j) {
-        s[i + j] = tmp[j];
-        sum += tmp[j];
-      }
-      i = nr;
+      for (int64_t j = 0; i + j < nr; ++j) s[i + j] = tmp[j];
     }
     std::fill(s + nr, s + n, 0.f);
-    // exp256 clamps its input, so a masked score came out ~1e-38, not 0: it changed no sum that
-    // holds exp(0) = 1, and zeroing it keeps it out of P @ V exactly.
+    // exp256 clamps its input, so a masked score came out ~1e-38, not 0: zeroing it keeps it
+    // out of P @ V and the sum exactly.
     masks.fill(r, s, nr, 0.f);
     m[r] = mx;
-    l[r] = sum;
+    l[r] = sum_exact_order_free(s, nr);
   }
   // Pass 3: acc += P @ V, per head in tiles of up to 3 rows over the tile's longest row. One
   // tile's sweep reads only its head's slice of each token's V, so sweeping all tokens per tile
@@ -962,6 +952,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[m,n] = x[m,k] @ dequant(w)[n,k]^T (+ bias) for GGUF Q4_1 (format 0) / Q8_0 (format 1) blocks",
         py::arg("out"), py::arg("x"), py::arg("format"), py::arg("qs"), py::arg("scale"),
         py::arg("min") = py::none(), py::arg("bias") = py::none(), py::arg("force_scalar") = false);
+  m.def("quant_bf16_available", &quant_bf16_available, "whether quant_linear_bf16 was built (AVX-512 BF16)");
+  m.def("quant_linear_bf16", &quant_linear_bf16,
+        "out[m,n] = x[m,k] @ dequant(w)[n,k]^T (+ fp32 bias), bf16, on GGUF Q4_1 / Q8_0 blocks",
+        py::arg("out"), py::arg("x"), py::arg("format"), py::arg("qs"), py::arg("scale"),
+        py::arg("min") = py::none(), py::arg("bias") = py::none());
   m.def("amx_available", &amx_available, "whether the AMX bf16 GEMM was built and the OS grants AMX");
   m.def("amx_pack_weight", &amx_pack_weight, "w[n,k] bf16 -> its AMX B-tile layout for amx_linear");
   m.def("amx_linear", &amx_linear, "out[m,n] = x[m,k] @ w[n,k]^T (+ bias), bf16 on AMX, w packed",

@@ -35,6 +35,9 @@ SKINNY_MAX_ROWS = 96
 # 6.3 / 7.2 / 9.0 / 13.6 / 17.5 ms at 1 / 2 / 3 / 5 / 8 rows that way against oneDNN's
 # 11.1 / 11.7 / 9.9 / 10.3 / 11.3 ms: the blocks' fp32 FMAs become the bound from 4 rows on.
 BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "3"))
+# Where the native ops have quant_linear_bf16 (AVX-512 BF16 dot products on the blocks, each tile
+# dequantized once for all rows), rows up to which it runs instead (see _bf16).
+BF16_QUANT_DOT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_DOT_MAX_ROWS", "16"))
 # In a bf16 model, rows up to which linears run oneDNN on a weight reordered once into its blocked
 # layout. F.linear reorders the weight on every call; at decode sizes that is a third to a half of
 # the call (SmolLM2's shapes on the AMX dev box: 1.3-2x faster from 2 to 256 rows, mixed at 512).
@@ -71,6 +74,7 @@ class SkinnyCPULinear(TorchLinear):
         self._no_layout: set[str] = set()
         if not getattr(ops, "amx_available", lambda: False)():
             self._no_layout.add("amx")
+        self._dot_rows = BF16_QUANT_DOT_MAX_ROWS if getattr(ops, "quant_bf16_available", lambda: False)() else 0
 
     def register_quantized(self, w: torch.Tensor, q: QuantWeight) -> bool:
         """Keep q to read in place of w at decode sizes; False (and q not kept, saving its bytes)
@@ -133,8 +137,12 @@ class SkinnyCPULinear(TorchLinear):
                 out = torch.empty(m, n, dtype=torch.bfloat16)
                 self.ops.amx_linear(out, x, packed, n, b)
                 return out
-        q = self._quant_copy(w) if m <= BF16_QUANT_MAX_ROWS else None
-        if q is not None:
+        q = self._quant_copy(w) if m <= max(BF16_QUANT_MAX_ROWS, self._dot_rows) else None
+        if q is not None and m <= self._dot_rows and x.stride(-1) == 1:
+            out = torch.empty(m, n, dtype=torch.bfloat16)
+            self.ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, q.min, None if b is None else b.float())
+            return out
+        if q is not None and m <= BF16_QUANT_MAX_ROWS:
             return self._quant_linear(x.float(), q, None if b is None else b.float()).to(torch.bfloat16)
         if packed_rows:
             packed = self._packed_copy(w, "onednn")

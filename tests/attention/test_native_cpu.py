@@ -458,3 +458,27 @@ def test_write_kv_matches_index_copy(ops, native):
     kb, vb = torch.zeros(10, 4, 3, 8, dtype=torch.bfloat16), torch.zeros(10, 4, 3, 8, dtype=torch.bfloat16)
     native._write_kv(k, v, kb, vb, slots)
     assert torch.equal(kb, rk.bfloat16()) and torch.equal(vb, rv.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ctx", [37, 100, 301])      # context lengths off the 8-key groups
+def test_a_query_gets_the_same_bits_alone_and_in_a_longer_chunk(ops, dtype, ctx):
+    """Speculative verification runs the tree's queries as one chunk; plain decoding runs them one
+    by one. Each query's attention output must not depend on which (so greedy speculation is
+    lossless in bf16 too): key scores are summed in fixed groups of 8 keys and the softmax
+    denominator in fp64, whatever the chunk's length."""
+    g = torch.Generator().manual_seed(ctx)
+    h, hkv, d, bs = 9, 3, 64, 16
+    kc = torch.randn(32, bs, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(32, bs, hkv, d, generator=g).to(dtype)
+    table = torch.randperm(32, generator=g)[None]
+    for ql in (2, 5, 13):
+        q = torch.randn(ql, h, d, generator=g).to(dtype)
+        chunk = torch.empty_like(q)
+        ops.paged_attention_varlen(chunk, q, kc, vc, table, torch.tensor([ctx]), torch.tensor([0, ql]),
+                                   d ** -0.5, None, None)
+        for j in range(ql):
+            alone = torch.empty(1, h, d, dtype=dtype)
+            ops.paged_attention_decode(alone, q[j:j + 1].contiguous(), kc, vc, table,
+                                       torch.tensor([ctx - ql + 1 + j]), d ** -0.5)
+            assert torch.equal(alone[0], chunk[j]), (ql, j)

@@ -169,7 +169,7 @@ def test_dispatch_uses_a_registered_copy_until_the_weight_changes(ops):
 
 
 def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
-    from spruce.models.linear import BF16_QUANT_MAX_ROWS
+    from spruce.models.linear import BF16_QUANT_DOT_MAX_ROWS, BF16_QUANT_MAX_ROWS
     q, w32 = _gguf_blocks("Q4_1", 16, 64, seed=5)
     w = w32.to(torch.bfloat16)
     lin = SkinnyCPULinear(ops)
@@ -183,17 +183,21 @@ def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
     amx = ops.amx_available()
     # With AMX the blocks are not kept: the AMX GEMM on the bf16 weight is faster at every size.
     assert lin.register_quantized(w, q) is not amx and lin.num_quantized == (0 if amx else 1)
+    dot_rows = BF16_QUANT_DOT_MAX_ROWS if ops.quant_bf16_available() else 0
     b = torch.randn(16).to(torch.bfloat16)
     with torch.no_grad():
-        for m in (1, BF16_QUANT_MAX_ROWS, BF16_QUANT_MAX_ROWS + 1):
+        for m in sorted({1, BF16_QUANT_MAX_ROWS, BF16_QUANT_MAX_ROWS + 1, dot_rows, dot_rows + 1} - {0}):
             calls.clear()
             x = torch.randn(m, 64).to(torch.bfloat16)
             got = lin(x, w, b)
             assert got.dtype == torch.bfloat16 and got.shape == (m, 16)
+            bf16_ref = (x.float() @ w32.bfloat16().float().t() + b.float()).bfloat16()
             if amx:
                 assert calls[-1] == "amx_linear"
-                want = (x.float() @ w32.bfloat16().float().t() + b.float()).bfloat16()
-                torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=1 / 128)
+                torch.testing.assert_close(got.float(), bf16_ref.float(), atol=0.1, rtol=1 / 128)
+            elif m <= dot_rows:              # bf16 dot products on the blocks' bf16 values
+                assert calls == ["quant_linear_bf16"]
+                torch.testing.assert_close(got.float(), bf16_ref.float(), atol=0.05, rtol=1 / 128)
             elif m <= BF16_QUANT_MAX_ROWS:   # fp32 on the exact values, then one rounding
                 assert calls == ["quant_linear"]
                 exact = torch.empty(m, 16)
@@ -277,6 +281,58 @@ def test_amx_linear_matches_fp32_to_one_rounding(ops, m, n, k, threads):
                                        atol=0.02 * k ** 0.5, rtol=1 / 128)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 576), (962, 576), (33, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quant_linear_bf16_is_one_rounding_of_the_bf16_weight_and_row_independent(ops, fmt, n, k, threads):
+    """quant_linear_bf16 multiplies by the bf16 model's own weight (the blocks' values rounded
+    once to bf16): within one output rounding of an fp32 reference, and every output row is the
+    same bits whatever else is in the batch (1 to 16 rows, odd n, one thread or two)."""
+    if not ops.quant_bf16_available():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    q, w32 = _gguf_blocks(fmt, n, k, seed=n + k)
+    w = w32.bfloat16()
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(16, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in (None, bias):
+            want = x.float() @ w.float().t() + (0 if b is None else b)
+            full = torch.empty(16, n, dtype=torch.bfloat16)
+            ops.quant_linear_bf16(full, x, q.format, q.qs, q.scale, q.min, b)
+            torch.testing.assert_close(full.float(), want, atol=1e-2, rtol=1 / 128)
+            for m in (1, 3, 5, 13):
+                part = torch.empty(m, n, dtype=torch.bfloat16)
+                ops.quant_linear_bf16(part, x[:m], q.format, q.qs, q.scale, q.min, b)
+                assert torch.equal(part, full[:m])
+            one = torch.empty(1, n, dtype=torch.bfloat16)
+            ops.quant_linear_bf16(one, x[7:8], q.format, q.qs, q.scale, q.min, b)
+            assert torch.equal(one[0], full[7])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_quant_linear_bf16_strided_rows_and_bad_input(ops):
+    if not ops.quant_bf16_available():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    q, w32 = _gguf_blocks("Q4_1", 24, 64, seed=1)
+    x_buf = torch.randn(5, 96).bfloat16()
+    x = x_buf[:, 16:80]
+    out = torch.empty(5, 24, dtype=torch.bfloat16)
+    ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, q.min, None)
+    torch.testing.assert_close(out.float(), x.float() @ w32.bfloat16().float().t(), atol=1e-2, rtol=1 / 128)
+    with pytest.raises(RuntimeError, match="x has 32 columns"):
+        ops.quant_linear_bf16(out, torch.randn(5, 32).bfloat16(), q.format, q.qs, q.scale, q.min, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.quant_linear_bf16(out, x.float(), q.format, q.qs, q.scale, q.min, None)
+    with pytest.raises(RuntimeError, match="Q4_1 needs min"):
+        ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, None, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, q.min, torch.randn(24).bfloat16())
 
 
 def test_amx_linear_strided_rows_and_bad_shapes(ops):
