@@ -7,13 +7,14 @@
 # Batch 1 runs a chain of 4 from each proposer, the SpecInfer tree and the merged tree; batches 4
 # and 16 (where speculation must not slow things down; the engine's load adaptation is on) the
 # main ones. MODES_B1 / MODES_B16 override
-# (every mode: none,ngram-4,ngram-8,early_exit-4,early_exit-8,draft-4,draft-8,draft-specinfer,merged).
+# (every mode: none,ngram-4,ngram-8,early_exit-4,early_exit-8,draft-4,draft-8,draft-specinfer,
+# draft-tree4,draft-beam4,merged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRAFT=${1:-drafts/smollm2-135m}
 OUT=${2:-bench_results/w4}
-MODES_B1=${MODES_B1:-none,ngram-4,early_exit-4,draft-4,draft-specinfer,merged}
-MODES_B16=${MODES_B16:-none,ngram-4,draft-specinfer,merged}
+MODES_B1=${MODES_B1:-none,ngram-4,ngram-8,early_exit-4,draft-4,draft-8,draft-specinfer,draft-tree4,draft-beam4,merged}
+MODES_B16=${MODES_B16:-none,ngram-4,draft-4,draft-tree4,merged}
 mkdir -p "$OUT"
 if [ ! -f "$DRAFT/config.json" ]; then
   .venv/bin/spruce distill --target smollm2-135m --out "$DRAFT" 2>&1 | tee "$OUT/distill.log"

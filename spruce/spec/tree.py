@@ -218,20 +218,25 @@ def build_by_expansion_batch(draft_step_fn: DraftStepFn, root_ctxs: Sequence[Seq
         # One sampling call per layer (per tree if seeded); lists spare a tensor index per draw.
         if not sample:
             vals, ids = q_rows.topk(min(k, q_rows.shape[-1]), dim=-1)
-            draws = [[t for t, v in zip(ti, vi) if v > 0] for ti, vi in zip(ids.tolist(), vals.tolist())]
-        elif per_tree:
-            draws, lo = [], 0
-            for t, grp in itertools.groupby(t for t, _ in frontier):
-                hi = lo + sum(1 for _ in grp)
-                draws += _sample_iid(q_rows[lo:hi], k, generators[t]).tolist()
-                lo = hi
         else:
-            draws = _sample_iid(q_rows, k, generators).tolist()
+            if per_tree:
+                parts, lo = [], 0
+                for t, grp in itertools.groupby(t for t, _ in frontier):
+                    hi = lo + sum(1 for _ in grp)
+                    parts.append(_sample_iid(q_rows[lo:hi], k, generators[t]))
+                    lo = hi
+                ids = torch.cat(parts)
+            else:
+                ids = _sample_iid(q_rows, k, generators)
+            vals = q_rows.gather(1, ids)
+        # Only the drawn tokens' probabilities come to Python, never a whole [rows, V] row.
+        draws = [[(tok, v) for tok, v in zip(ti, vi) if sample or v > 0]
+                 for ti, vi in zip(ids.tolist(), vals.tolist())]
         nxt = []
-        for (t, n), q, qv, ts in zip(frontier, q_rows.unbind(0), q_rows.tolist(), draws):
+        for (t, n), q, ts in zip(frontier, q_rows.unbind(0), draws):
             b = bs[t]
-            for tok in ts:
-                child, new = b.add(n, tok, q, sample, proposer, b.cum[n] + _log(qv[tok]))
+            for tok, qv in ts:
+                child, new = b.add(n, tok, q, sample, proposer, b.cum[n] + _log(qv))
                 if new:
                     nxt.append((t, child))
         frontier = nxt
