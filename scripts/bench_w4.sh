@@ -19,7 +19,11 @@ mkdir -p "$OUT"
 if [ ! -f "$DRAFT/config.json" ]; then
   .venv/bin/spruce distill --target smollm2-135m --out "$DRAFT" 2>&1 | tee "$OUT/distill.log"
 fi
+# `bench spec` exits 1 when a mode was not lossless; the other batch sizes still run, and the
+# script exits 1 at the end.
+status=0
 .venv/bin/spruce bench spec --modes "$MODES_B1" --draft "$DRAFT" --batch-sizes 1 \
-  --output-json "$OUT/w4-b1.json" 2>&1 | tee "$OUT/w4-b1.log"
+  --output-json "$OUT/w4-b1.json" 2>&1 | tee "$OUT/w4-b1.log" || status=1
 .venv/bin/spruce bench spec --modes "$MODES_B16" --draft "$DRAFT" --batch-sizes 4,16 \
-  --output-json "$OUT/w4-b4-16.json" 2>&1 | tee "$OUT/w4-b4-16.log"
+  --output-json "$OUT/w4-b4-16.json" 2>&1 | tee "$OUT/w4-b4-16.log" || status=1
+exit $status
