@@ -30,7 +30,8 @@ NAME = "spruce_native_ops"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [CSRC / "paged_attention.cpp", CSRC / "skinny_gemm.cpp", CSRC / "fused_ops.cpp",
            CSRC / "amx_gemm.cpp", CSRC / "quant_bf16.cpp"]
-HEADERS = [CSRC / "skinny_gemm.h", CSRC / "fused_ops.h", CSRC / "amx_gemm.h", CSRC / "quant_bf16.h"]
+HEADERS = [CSRC / "skinny_gemm.h", CSRC / "fused_ops.h", CSRC / "amx_gemm.h", CSRC / "quant_bf16.h",
+           CSRC / "row_split.h"]
 
 _lock = threading.Lock()
 _loaded = False

@@ -9,6 +9,7 @@
 // an output row depends only on its own input row: the same bits at 1 row and at 16, which keeps
 // a speculative step's verification equal to plain decoding.
 #include "quant_bf16.h"
+#include "row_split.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -16,9 +17,6 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define SPRUCE_QBF16 1
@@ -119,20 +117,9 @@ void quant_linear_bf16(at::Tensor out, const at::Tensor& x, int64_t format, cons
                        const at::Tensor& scale, const c10::optional<at::Tensor>& minv,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(quant_bf16_available(), "quant_linear_bf16: this build has no AVX-512 BF16 (check quant_bf16_available())");
-  TORCH_CHECK(format == 0 || format == 1, "quant_linear_bf16: format must be 0 (Q4_1) or 1 (Q8_0)");
-  TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1,
-              "quant_linear_bf16: qs must be a contiguous 2-D uint8/int8 CPU tensor");
-  const int64_t n = qs.size(0), k = format == 0 ? qs.size(1) * 2 : qs.size(1);
-  TORCH_CHECK(k % kBlock == 0, "quant_linear_bf16: k (", k, ") must be a multiple of 32");
-  auto check_param = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
-                    t.size(0) == n && t.size(1) == k / kBlock,
-                "quant_linear_bf16: ", what, " must be a contiguous float32 [", n, ", ", k / kBlock, "] tensor");
-  };
-  check_param(scale, "scale");
+  const auto nk = spruce::check_quant_blocks("quant_linear_bf16", format, qs, scale, minv);
+  const int64_t n = nk.first, k = nk.second;
   const bool has_min = minv.has_value() && minv->defined();
-  TORCH_CHECK(has_min == (format == 0), "quant_linear_bf16: Q4_1 needs min, Q8_0 takes none");
-  if (has_min) check_param(*minv, "min");
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
                   out.scalar_type() == at::kBFloat16 && x.dim() == 2 && out.dim() == 2,
               "quant_linear_bf16: x and out must be 2-D bfloat16 CPU tensors");
@@ -151,24 +138,8 @@ void quant_linear_bf16(at::Tensor out, const at::Tensor& x, int64_t format, cons
   auto* yp = reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>());
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  int nt = 1;
-#ifdef _OPENMP
-  // Below ~64K weights the fork/join costs more than a second thread saves.
-  if (n * k >= (1 << 16)) nt = std::max(1, at::get_num_threads());
-#endif
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    int t = 0, T = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    T = omp_get_num_threads();
-#endif
-    // Contiguous, tile-aligned ranges: one sequential weight stream per thread.
-    const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-    const int64_t a = std::min(n, tiles * t / T * kTileRows), b = std::min(n, tiles * (t + 1) / T * kTileRows);
-    if (a < b) gemm_range(xp, m, ldx, q, bp, yp, ldy, a, b);
-  }
+  spruce::for_each_row_range(n, kTileRows, spruce::gemm_threads(n, k), [&](int64_t a, int64_t b) {
+    gemm_range(xp, m, ldx, q, bp, yp, ldy, a, b);
+  });
 #endif
 }

@@ -10,6 +10,8 @@
 // Summation order differs from MKL's, so results agree to float rounding, not bit for bit.
 #include <torch/extension.h>
 
+#include "row_split.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -212,21 +214,6 @@ void quant_gemm_range(const float* x, int64_t m, int64_t ldx, const QuantWeight&
   }
 }
 
-int threads_for(int64_t n, int64_t k) {
-#ifdef _OPENMP
-  // Below ~256 KiB of fp32 weight the fork/join costs more than a second thread saves.
-  if (n * k >= (1 << 16)) return std::max(1, at::get_num_threads());
-#endif
-  return 1;
-}
-
-// Contiguous, tile-aligned ranges: one sequential weight stream per thread.
-inline void thread_range(int64_t n, int t, int T, int64_t* a, int64_t* b) {
-  const int64_t tiles = (n + kRowsPerTile - 1) / kRowsPerTile;
-  *a = std::min(n, tiles * t / T * kRowsPerTile);
-  *b = std::min(n, tiles * (t + 1) / T * kRowsPerTile);
-}
-
 void check_xy(const at::Tensor& out, const at::Tensor& x, int64_t n, int64_t k, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op, ": float32 only");
@@ -251,19 +238,9 @@ void skinny_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
   float* yp = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
   const bool vector_ok = !force_scalar && (k % 8) == 0;
-  const int nt = threads_for(n, k);
-  if (nt == 1) {
-    gemm_range(xp, m, ldx, wp, k, yp, ldy, 0, n, vector_ok);
-  } else {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-    {
-      int64_t a, b;
-      thread_range(n, omp_get_thread_num(), omp_get_num_threads(), &a, &b);
-      gemm_range(xp, m, ldx, wp, k, yp, ldy, a, b, vector_ok);
-    }
-#endif
-  }
+  spruce::for_each_row_range(n, kRowsPerTile, spruce::gemm_threads(n, k), [&](int64_t a, int64_t b) {
+    gemm_range(xp, m, ldx, wp, k, yp, ldy, a, b, vector_ok);
+  });
   if (bias.has_value() && bias->defined()) out.add_(bias->view({1, n}));
 }
 
@@ -271,20 +248,9 @@ void skinny_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
 void quant_linear(at::Tensor out, const at::Tensor& x, int64_t format, const at::Tensor& qs,
                   const at::Tensor& scale, const c10::optional<at::Tensor>& minv,
                   const c10::optional<at::Tensor>& bias, bool force_scalar) {
-  TORCH_CHECK(format == kQ4_1 || format == kQ8_0, "quant_linear: format must be 0 (Q4_1) or 1 (Q8_0)");
-  TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1,
-              "quant_linear: qs must be a contiguous 2-D uint8/int8 CPU tensor");
-  const int64_t n = qs.size(0), k = format == kQ4_1 ? qs.size(1) * 2 : qs.size(1);
-  TORCH_CHECK(k % kQBlock == 0, "quant_linear: k (", k, ") must be a multiple of 32");
-  auto check_block_param = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
-                    t.size(0) == n && t.size(1) == k / kQBlock,
-                "quant_linear: ", what, " must be a contiguous float32 [", n, ", ", k / kQBlock, "] tensor");
-  };
-  check_block_param(scale, "scale");
+  const auto nk = spruce::check_quant_blocks("quant_linear", format, qs, scale, minv);
+  const int64_t n = nk.first, k = nk.second;
   const bool has_min = minv.has_value() && minv->defined();
-  TORCH_CHECK(has_min == (format == kQ4_1), "quant_linear: Q4_1 needs min, Q8_0 takes none");
-  if (has_min) check_block_param(*minv, "min");
   const int64_t m = x.size(0);
   check_xy(out, x, n, k, "quant_linear");
   QuantWeight q{int(format), reinterpret_cast<const uint8_t*>(qs.data_ptr()), scale.data_ptr<float>(),
@@ -292,20 +258,9 @@ void quant_linear(at::Tensor out, const at::Tensor& x, int64_t format, const at:
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  const int nt = threads_for(n, k);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    int t = 0, T = 1;
-#ifdef _OPENMP
-    t = omp_get_thread_num();
-    T = omp_get_num_threads();
-#endif
-    int64_t a, b;
-    thread_range(n, t, T, &a, &b);
+  spruce::for_each_row_range(n, kRowsPerTile, spruce::gemm_threads(n, k), [&](int64_t a, int64_t b) {
     std::vector<float> scratch;
     quant_gemm_range(xp, m, ldx, q, yp, ldy, a, b, !force_scalar, scratch);
-  }
+  });
   if (bias.has_value() && bias->defined()) out.add_(bias->view({1, n}));
 }

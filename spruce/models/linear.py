@@ -9,7 +9,7 @@ chunks) stay with MKL, which wins once the GEMM is compute-bound. Weights that w
 quantized blocks (spruce/models/quant.py) are read as those blocks at decode sizes: a further
 1.6-1.7x at 1-5 rows over the fp32 op, with bit-identical outputs.
 
-bf16 models on CPUs with AVX-512 BF16 but no AMX read those blocks at 1-32 rows with bf16 dot
+bf16 models on CPUs with AVX-512 BF16 but no AMX read those blocks at 1-16 rows with bf16 dot
 products (spruce/csrc/quant_bf16.cpp): each tile is dequantized once to the model's own bf16
 values for all rows, so the 120 layer linears of SmolLM2 took 5.8 / 9.0 / 10.3 ms at 1 / 5 / 8
 rows against oneDNN's 11.3 / 10.5 / 12.4 on the Zen 4 dev box (even at 9-16, 5-13% slower at
@@ -44,11 +44,13 @@ SKINNY_MAX_ROWS = 96
 # 11.1 / 11.7 / 9.9 / 10.3 / 11.3 ms: the blocks' fp32 FMAs become the bound from 4 rows on.
 BF16_QUANT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_MAX_ROWS", "3"))
 # Where the native ops have quant_linear_bf16 (AVX-512 BF16 dot products on the blocks, each tile
-# dequantized once for all rows), rows up to which it runs instead (see _bf16). It is even with
-# oneDNN at 9-16 rows and 5-13% slower at 24-32, but its rows do not depend on the batch: up to
-# here a speculative step (SpecInfer's tree and the merged tree verify 21-26 rows at batch 1)
-# gives the same greedy tokens as plain decoding. oneDNN takes over above.
-BF16_QUANT_DOT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_DOT_MAX_ROWS", "32"))
+# dequantized once for all rows), rows up to which it runs instead (see _bf16). Its rows do not
+# depend on the batch, so up to here a speculative step gives the same greedy tokens as plain
+# decoding. It is even with oneDNN at 9-16 rows and slower above: 5-13% at 24-32 rows in
+# isolation, and W3 at 2 req/s (17-32 requests decoding) lost ~30% of its TPOT ratio to vLLM with
+# the limit at 32. SPRUCE_BF16_QUANT_DOT_MAX_ROWS=32 makes SpecInfer's 21-node tree at batch 1
+# bit-exact in bf16 at that cost.
+BF16_QUANT_DOT_MAX_ROWS = int(os.environ.get("SPRUCE_BF16_QUANT_DOT_MAX_ROWS", "16"))
 # In a bf16 model, rows up to which linears run oneDNN on a weight reordered once into its blocked
 # layout. F.linear reorders the weight on every call; at decode sizes that is a third to a half of
 # the call (SmolLM2's shapes on the AMX dev box: 1.3-2x faster from 2 to 256 rows, mixed at 512).
