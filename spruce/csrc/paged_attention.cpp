@@ -179,13 +179,6 @@ inline __m256 load8(const c10::Half* p) {
 }
 #endif
 
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
 inline float hmax(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -357,15 +350,11 @@ void pv_rows512(const T* v, const int64_t* offs, int64_t n, const float* p, int6
 }
 #endif  // SPRUCE_PA_AVX512
 
-// One item, head_dim a multiple of 8. The item covers nh consecutive KV heads (kbase/vbase point
-// at the first; the next is d elements on) and rph rows per head, rows head-major: R = nh * rph.
-// q: [R, d] pre-scaled; lim[r]: tokens row r may see, counted from the item's first token (0..n),
-// nondecreasing within each head's rows. Produces per-row max m, sum l and unnormalised acc [R, d].
 // The softmax denominator, summed in fp64 and rounded once: with every term an fp32 value in
 // (0, 1], the result does not depend (beyond fp64 rounding, ~1e-16 relative) on which lane a term
 // falls in. A tree node's ancestors sit at other slots than the same tokens in plain decoding;
 // this keeps its attention output, and so speculative greedy output, equal to decoding's.
-inline float sum_exact_order_free(const float* s, int64_t n) {
+inline float softmax_sum_fp64(const float* s, int64_t n) {
   __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -379,6 +368,10 @@ inline float sum_exact_order_free(const float* s, int64_t n) {
   return float(sum);
 }
 
+// One item, head_dim a multiple of 8. The item covers nh consecutive KV heads (kbase/vbase point
+// at the first; the next is d elements on) and rph rows per head, rows head-major: R = nh * rph.
+// q: [R, d] pre-scaled; lim[r]: tokens row r may see, counted from the item's first token (0..n),
+// nondecreasing within each head's rows. Produces per-row max m, sum l and unnormalised acc [R, d].
 template <typename T>
 void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n, int64_t nh,
                  int64_t rph, const float* q, const int64_t* lim, const RowMasks& masks, int64_t d,
@@ -460,7 +453,7 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
     // out of P @ V and the sum exactly.
     masks.fill(r, s, nr, 0.f);
     m[r] = mx;
-    l[r] = sum_exact_order_free(s, nr);
+    l[r] = softmax_sum_fp64(s, nr);
   }
   // Pass 3: acc += P @ V, per head in tiles of up to 3 rows over the tile's longest row. One
   // tile's sweep reads only its head's slice of each token's V, so sweeping all tokens per tile

@@ -13,9 +13,8 @@ bf16 models on CPUs with AVX-512 BF16 but no AMX read those blocks at 1-16 rows 
 products (spruce/csrc/quant_bf16.cpp): each tile is dequantized once to the model's own bf16
 values for all rows, so the 120 layer linears of SmolLM2 took 5.8 / 9.0 / 10.3 ms at 1 / 5 / 8
 rows against oneDNN's 11.3 / 10.5 / 12.4 on the Zen 4 dev box (even at 9-16, 5-13% slower at
-24-32), the tied lm_head
-1.5 ms against 4.3 at 1 row. Its output rows do not depend on the batch, which keeps greedy
-speculation lossless in bf16.
+24-32), the tied lm_head 1.5 ms against 4.3 at 1 row. Its output rows do not depend on the
+batch, which keeps greedy speculation lossless in bf16.
 
 bf16 models on CPUs with AMX run decode-sized batches through the native AMX GEMM
 (spruce/csrc/amx_gemm.cpp) on a weight packed once into its tile layout: on the AMX dev box it runs
@@ -137,10 +136,10 @@ class SkinnyCPULinear(TorchLinear):
     def _bf16(self, x, w, b):
         # A bf16 model. Where the CPU has AMX, the native AMX GEMM wins at every decode size, also
         # over the quantized blocks (1.1-2x at 1-8 rows on SmolLM2's shapes, weights cold). Else
-        # oneDNN's bf16 GEMM wins from ~4 rows up, but at 1-3 rows it reads the bf16 weight at a
-        # fraction of the machine's bandwidth: there the weight's quantized blocks (a quarter of
-        # the bytes) are read instead, in fp32 on the exact dequantized values, and the
-        # result rounded to bf16.
+        # oneDNN's bf16 GEMM reads the bf16 weight at a fraction of the machine's bandwidth at
+        # decode sizes, so the weight's quantized blocks (a quarter of the bytes) are read
+        # instead: with bf16 dot products up to _dot_rows where the native ops have them, else
+        # in fp32 on the exact dequantized values up to BF16_QUANT_MAX_ROWS, rounded to bf16.
         m, (n, k) = x.shape[0], w.shape
         packed_rows = m <= BF16_PACKED_MAX_ROWS and x.stride(-1) == 1
         if (packed_rows and self._amx_shape(n, k)
@@ -151,12 +150,14 @@ class SkinnyCPULinear(TorchLinear):
                 self.ops.amx_linear(out, x, packed, n, b)
                 return out
         q = self._quant_copy(w) if m <= max(BF16_QUANT_MAX_ROWS, self._dot_rows) else None
-        if q is not None and m <= self._dot_rows and x.stride(-1) == 1:
-            out = torch.empty(m, n, dtype=torch.bfloat16)
-            self.ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, q.min, None if b is None else b.float())
-            return out
-        if q is not None and m <= BF16_QUANT_MAX_ROWS:
-            return self._quant_linear(x.float(), q, None if b is None else b.float()).to(torch.bfloat16)
+        if q is not None:
+            b32 = None if b is None else b.float()
+            if m <= self._dot_rows and x.stride(-1) == 1:
+                out = torch.empty(m, n, dtype=torch.bfloat16)
+                self.ops.quant_linear_bf16(out, x, q.format, q.qs, q.scale, q.min, b32)
+                return out
+            if m <= BF16_QUANT_MAX_ROWS:
+                return self._quant_linear(x.float(), q, b32).to(torch.bfloat16)
         if packed_rows:
             packed = self._packed_copy(w, "onednn")
             if packed is not None:
