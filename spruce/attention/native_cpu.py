@@ -8,10 +8,11 @@ costs one kernel call per layer, not one per request; a mask whose shape does no
 request's query length (never made by the engine) falls back to TorchAttentionBackend's
 per-request path, and caches the op does not take (another device or dtype) go wholly to the torch
 backend, whose subclass this is. A request whose whole context is this step's tokens (a cold
-prompt of at least SDPA_MIN_TOKENS) is attended by torch's SDPA over the batch's own K/V instead.
+prompt of at least `sdpa_min_tokens`) is attended by torch's SDPA over the batch's own K/V instead.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
@@ -25,9 +26,21 @@ from spruce.attention.torch_ref import TorchAttentionBackend
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A request prefilled whole in one step (no cached context) at least this long runs through
-# torch's SDPA (a flash kernel: blocked GEMMs, 2-2.5x the op's prefill speed on W1's 100-300
-# token prompts); shorter ones stay with the op, where a call's overhead would dominate.
-SDPA_MIN_TOKENS = 32
+# torch's SDPA instead of the op. Where the CPU has AMX, SDPA's flash kernel runs its blocked GEMMs
+# on it: 2-2.5x the op's speed on W1's 100-300 token prompts (AMX dev box), so only prompts too
+# short to pay for a call stay with the op. Without AMX the op is the faster one (Zen 4 dev box,
+# SmolLM2's 9/3 heads, both threads, bf16: 0.15 / 0.53 / 3.2 / 17.5 / 53 ms at 100 / 200 / 512 /
+# 1024 / 2048 tokens against SDPA's 0.45 / 1.06 / 5.6 / 23.0 / 47.8; fp32 alike), up to ~1.5k.
+SDPA_MIN_TOKENS_AMX = 32
+SDPA_MIN_TOKENS_NO_AMX = 1536
+
+
+def default_sdpa_min_tokens(ops: ModuleType) -> int:
+    env = os.environ.get("SPRUCE_SDPA_MIN_TOKENS")
+    if env:
+        return int(env)
+    amx = getattr(ops, "amx_available", None)
+    return SDPA_MIN_TOKENS_AMX if amx is not None and amx() else SDPA_MIN_TOKENS_NO_AMX
 
 
 @dataclass
@@ -48,20 +61,21 @@ class _NativePlan:
 class NativeCPUAttentionBackend(TorchAttentionBackend):
     name = "native-cpu"
 
-    def __init__(self, ops: Optional[ModuleType] = None):
+    def __init__(self, ops: Optional[ModuleType] = None, sdpa_min_tokens: Optional[int] = None):
         super().__init__()
         self.ops = ops if ops is not None else load_native_ops()
         if self.ops is None:
             raise RuntimeError("native CPU attention ops are not available")
+        self.sdpa_min_tokens = sdpa_min_tokens if sdpa_min_tokens is not None else default_sdpa_min_tokens(self.ops)
 
     def prepare(self, md: AttentionMetadata) -> None:
         # The torch plan is built lazily, only if a fallback needs it; drop any from a previous
         # step on a reused metadata object.
         md.__dict__.pop("_torch_ref_plan", None)
-        md.__dict__["_native_plan"] = self._build_plan(md)
+        md.__dict__["_native_plan"] = self._build_plan(md, self.sdpa_min_tokens)
 
     @staticmethod
-    def _build_plan(md: AttentionMetadata) -> _NativePlan:
+    def _build_plan(md: AttentionMetadata, sdpa_min_tokens: int) -> _NativePlan:
         seq_lens = md.seq_lens_t
         if seq_lens is None or seq_lens.dtype != torch.int64 or seq_lens.device.type != "cpu":
             seq_lens = torch.tensor(md.seq_lens, dtype=torch.int64)
@@ -72,7 +86,7 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
             return _NativePlan(True, tables, seq_lens, None)
         if not any(m is not None for m in (md.tree_masks or [])):
             fresh = [i for i, (ql, sl) in enumerate(zip(md.query_lens, md.seq_lens))
-                     if ql == sl and ql >= SDPA_MIN_TOKENS]
+                     if ql == sl and ql >= sdpa_min_tokens]
             if fresh:
                 return NativeCPUAttentionBackend._split_plan(md, tables, seq_lens, fresh)
         plan = _NativePlan(False, tables, seq_lens, torch.tensor(md.query_start_loc, dtype=torch.int64))
@@ -138,7 +152,7 @@ class NativeCPUAttentionBackend(TorchAttentionBackend):
             return super().forward(q, k, v, key_cache, value_cache, md, scale)
         plan = md.__dict__.get("_native_plan")
         if plan is None:
-            plan = md.__dict__["_native_plan"] = self._build_plan(md)
+            plan = md.__dict__["_native_plan"] = self._build_plan(md, self.sdpa_min_tokens)
         self._write_kv(k, v, key_cache, value_cache, md.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype)
         if plan.decode:

@@ -262,14 +262,15 @@ def test_backend_mixed_batch_with_tree_masks(native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_others", [False, True])
-def test_fresh_prefills_run_through_sdpa(native, dtype, with_others):
-    """Whole-prompt prefills of at least SDPA_MIN_TOKENS go to torch's SDPA on the batch's own
+def test_fresh_prefills_run_through_sdpa(ops, dtype, with_others):
+    """Whole-prompt prefills of at least sdpa_min_tokens go to torch's SDPA on the batch's own
     K/V; decodes, chunk continuations and short prompts in the same batch go to the op."""
-    from spruce.attention.native_cpu import SDPA_MIN_TOKENS
-    seq_lens, query_lens = [SDPA_MIN_TOKENS, 200], [SDPA_MIN_TOKENS, 200]
+    from spruce.attention.native_cpu import NativeCPUAttentionBackend
+    native = NativeCPUAttentionBackend(ops, sdpa_min_tokens=32)
+    seq_lens, query_lens = [32, 200], [32, 200]
     if with_others:   # a decode, a chunk continuation, a short whole prompt, between the fresh ones
-        seq_lens = [SDPA_MIN_TOKENS, 57, 90, 5, 200]
-        query_lens = [SDPA_MIN_TOKENS, 1, 40, 5, 200]
+        seq_lens = [32, 57, 90, 5, 200]
+        query_lens = [32, 1, 40, 5, 200]
     b = Batch(seq_lens, query_lens, 9, 3, 64, dtype=dtype, seed=4)
     native.prepare(b.md)
     plan = b.md._native_plan
@@ -277,6 +278,20 @@ def test_fresh_prefills_run_through_sdpa(native, dtype, with_others):
     assert (plan.op_rows is not None) == with_others
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     assert_matches_torch(b, native, **tol)
+
+
+def test_fresh_prefills_below_the_threshold_stay_in_the_op(ops, monkeypatch):
+    from spruce.attention import native_cpu
+    monkeypatch.delenv("SPRUCE_SDPA_MIN_TOKENS", raising=False)
+    expect = native_cpu.SDPA_MIN_TOKENS_AMX if ops.amx_available() else native_cpu.SDPA_MIN_TOKENS_NO_AMX
+    assert native_cpu.default_sdpa_min_tokens(ops) == expect
+    monkeypatch.setenv("SPRUCE_SDPA_MIN_TOKENS", "64")
+    native = native_cpu.NativeCPUAttentionBackend(ops)
+    assert native.sdpa_min_tokens == 64
+    b = Batch([63, 64, 200], [63, 64, 200], 9, 3, 64, seed=5)
+    native.prepare(b.md)
+    assert b.md._native_plan.sdpa_reqs == (1, 2)
+    assert_matches_torch(b, native)
 
 
 _WIDE = TokenTree(range(7), [-1, 0, 0, 0, 1, 2, 3]).ancestor_mask()   # 3 branches of 2
