@@ -291,12 +291,18 @@ inline void qk8_512(const T* const* kr, const float* q, int64_t d, float* s, int
 }
 
 template <typename T>
-void scores_avx512(const T* kbase, const int64_t* offs, int64_t n, int64_t nh, int64_t rph,
-                   const float* q, const int64_t* lim, int64_t d, float* scores, int64_t ps,
-                   int64_t run_bytes) {
+void scores_avx512(const T* kbase, const T* vbase, const int64_t* offs, int64_t n, int64_t nh,
+                   int64_t rph, const float* q, const int64_t* lim, int64_t d, float* scores,
+                   int64_t ps, int64_t run_bytes) {
   auto prefetch_run = [run_bytes](const T* p) {
     const char* c = reinterpret_cast<const char*>(p);
     for (int64_t b = 0; b < run_bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+  };
+  // V of the keys being scored goes to L2 meanwhile: pass 3 then finds it there instead of
+  // waiting on memory a window at a time (~7% of decode attention at 32 x 220 tokens, 2 threads).
+  auto prefetch_v = [run_bytes](const T* p) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t b = 0; b < run_bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T1);
   };
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
@@ -305,6 +311,7 @@ void scores_avx512(const T* kbase, const int64_t* offs, int64_t n, int64_t nh, i
   // query gets the same bits alone (decode) as in a longer query tile (speculative verify).
   for (int64_t t = 0; t < n; t += 8) {
     for (int64_t i = t + kAhead; i < std::min(n, t + kAhead + 8); ++i) prefetch_run(kbase + offs[i]);
+    for (int64_t i = t; i < std::min(n, t + 8); ++i) prefetch_v(vbase + offs[i]);
     for (int64_t hl = 0; hl < nh; ++hl) {
       const T* kr[8];
       for (int i = 0; i < 8; ++i) kr[i] = kbase + offs[std::min(t + i, n - 1)] + hl * d;
@@ -395,7 +402,7 @@ void attend_avx2(const T* kbase, const T* vbase, const int64_t* offs, int64_t n,
   constexpr int64_t kAhead = 16;
   if (wide) {
 #ifdef SPRUCE_PA_AVX512
-    scores_avx512<T>(kbase, offs, n, nh, rph, q, lim, d, scores, ps, run_bytes);
+    scores_avx512<T>(kbase, vbase, offs, n, nh, rph, q, lim, d, scores, ps, run_bytes);
 #endif
   } else {
   for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_run(kbase + offs[i]);
