@@ -104,6 +104,9 @@ class SpeculativeConfig:
     # Measured adaptation (spec/gate.py): below that cap, draft only while steps with drafts emit
     # more tokens per second than steps without. False always drafts (tests, forced measurements).
     adaptive: bool = True
+    # With adaptive on, each step also cuts the trees to the nodes whose estimated acceptance pays
+    # for their rows, at most this many rows in the step, plain rows included (spec/budget.py).
+    max_num_verify_rows: int = 16
 
     def __post_init__(self):
         if self.method not in SPEC_METHODS:
@@ -125,6 +128,8 @@ class SpeculativeConfig:
             raise ValueError("max_tree_nodes must be >= 2 (the root and one node)")
         if self.max_tree_nodes is not None and not self.beam_width:
             raise ValueError("max_tree_nodes applies to beam trees: set beam_width too")
+        if self.max_num_verify_rows < 2:
+            raise ValueError("max_num_verify_rows must be >= 2 (a request's root and one draft node)")
         if self.prompt_lookup_min < 1 or self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
 

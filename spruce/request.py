@@ -58,6 +58,7 @@ class Request:
         self.spec_tree = None
         self.num_spec_steps = 0          # verification steps this request took part in
         self.num_spec_accepted = 0       # draft tokens accepted over them
+        self.spec_record = None          # its lookup nodes' acceptance by depth (spec/budget.py)
         self.generator: Optional[torch.Generator] = None
         if sampling_params.seed is not None:
             self.generator = torch.Generator()

@@ -109,12 +109,15 @@ class EngineCore:
         self.proposer = None
         self.spec_stats = SpecDecodingStats()
         self.spec_gate = None
+        self.spec_record = None   # acceptance of lookup nodes over all requests (spec/budget.py)
         if self.spec_config is not None:
+            from spruce.spec.budget import AcceptanceRecord
             from spruce.spec.gate import SpecGate
             from spruce.spec.proposers import make_proposer
             self.proposer = make_proposer(self.spec_config, self)
             if self.spec_config.adaptive:
                 self.spec_gate = SpecGate()
+                self.spec_record = AcceptanceRecord()
         self._ids = itertools.count()
         if log_progress:
             print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
@@ -220,7 +223,15 @@ class EngineCore:
             kept = [r for r in reqs if r.sampling_params.seed is not None and not r.sampling_params.is_greedy]
             chose = None if kept else False
             reqs = kept
-        for req, tree in zip(reqs, self.proposer.propose(reqs) if reqs else []):
+        trees = self.proposer.propose(reqs) if reqs else []
+        if self.spec_record is not None and trees:
+            from spruce.spec.budget import AcceptanceRecord, cut_trees
+            for r in reqs:
+                if r.spec_record is None:
+                    r.spec_record = AcceptanceRecord()
+            trees = cut_trees(trees, [r.spec_record for r in reqs], self.spec_record, len(running),
+                              self.spec_config.max_num_verify_rows)
+        for req, tree in zip(reqs, trees):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
         return chose
@@ -238,7 +249,13 @@ class EngineCore:
 
     def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
         for s in scheduled.scheduled:
-            s.request.spec_tree = None
+            req = s.request
+            if req.spec_tree is not None and self.spec_record is not None:
+                emitted = model_output.sampled.get(req.request_id)
+                if emitted:
+                    self.spec_record.record(req.spec_tree, emitted)
+                    req.spec_record.record(req.spec_tree, emitted)
+            req.spec_tree = None
         for rid, (num_draft, accepted) in model_output.spec_stats.items():
             self.spec_stats.record(num_draft, accepted)
             req = self.scheduler.requests[rid]
