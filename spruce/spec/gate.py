@@ -5,21 +5,27 @@ batch and the text, so the engine measures it. Pure-decode steps are timed. The 
 average of emitted tokens per second for steps with trees and for steps without, per bucket of
 running requests (1, 2-3, 4-7, 8+), and takes the better branch. Now and then it takes the other
 branch, so that both estimates stay current: once every `probe_every` steps of a bucket. When the
-plain step is winning, the interval stretches by how much slower drafting measured (up to 4×).
-A probe then costs about the same share of time however bad the drafts are. A proposer whose
-drafts are rarely accepted costs a few percent, not every step. All of this sits on top of the
-load cap (`max_num_seqs_for_spec`).
+plain step is winning, the interval stretches by how much slower drafting measured (up to 4×),
+and doubles each time a drafting probe finds drafting still slower (up to `max_backoff`×), back
+to 1× once drafting wins. A draft model's probe is dear -- at 4 requests on the Zen 4 dev box a
+drafted step took ~60 ms against ~18 ms (the draft first catches up on the tokens decoded since
+its last pass) -- and one in ~40 steps cost ~5% of a W4 batch; repeated confirmations make it
+rarer. All of this sits on top of the load cap (`max_num_seqs_for_spec`).
 """
 from __future__ import annotations
 
 
 class SpecGate:
-    def __init__(self, probe_every: int = 16, alpha: float = 0.25):
+    def __init__(self, probe_every: int = 16, alpha: float = 0.25, max_backoff: int = 8):
         if probe_every < 2:
             raise ValueError("probe_every must be >= 2")
-        self.probe_every, self.alpha = probe_every, alpha
+        if max_backoff < 1:
+            raise ValueError("max_backoff must be >= 1")
+        self.probe_every, self.alpha, self.max_backoff = probe_every, alpha, max_backoff
         self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> EMA tokens/s
         self._since_probe: dict[int, int] = {}
+        self._backoff: dict[int, int] = {}     # bucket -> multiplier of the drafting-probe interval
+        self._probing: dict[int, bool] = {}    # bucket -> the branch its last probe took
 
     @staticmethod
     def bucket(num_running: int) -> int:
@@ -33,10 +39,12 @@ class SpecGate:
         if plain is None:
             return False         # ... then the plain step
         best = spec >= plain
-        interval = self.probe_every if best else int(self.probe_every * min(4.0, plain / spec))
+        interval = self.probe_every if best else \
+            int(self.probe_every * min(4.0, plain / spec) * self._backoff.get(b, 1))
         n = self._since_probe.get(b, 0) + 1
         if n >= interval:
             self._since_probe[b] = 0
+            self._probing[b] = not best
             return not best
         self._since_probe[b] = n
         return best
@@ -48,3 +56,8 @@ class SpecGate:
         r = num_tokens / seconds
         old = self.rate.get(key)
         self.rate[key] = r if old is None else old + self.alpha * (r - old)
+        b = key[0]
+        if speculated and self._probing.pop(b, None) is True:
+            plain = self.rate.get((b, False))
+            still_slower = plain is not None and self.rate[key] < plain
+            self._backoff[b] = min(self.max_backoff, 2 * self._backoff.get(b, 1)) if still_slower else 1

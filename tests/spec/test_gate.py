@@ -20,6 +20,31 @@ def test_gate_measures_both_then_takes_the_faster_and_keeps_probing():
     assert choices.count(True) == 6      # drafting wins; the plain step is probed once in 4
 
 
+def test_drafting_probes_back_off_while_they_keep_losing():
+    g = SpecGate(probe_every=4, max_backoff=4)
+    g.want_spec(1); g.record(1, True, 1, 0.04)     # 25 tok/s drafted
+    g.want_spec(1); g.record(1, False, 1, 0.02)    # 50 tok/s plain: drafting 2x slower
+
+    def steps_to_next_probe():
+        for n in range(1, 200):
+            if g.want_spec(1):
+                return n
+        raise AssertionError("no probe")
+
+    gaps = []
+    for _ in range(4):
+        gaps.append(steps_to_next_probe())
+        g.record(1, True, 1, 0.04)                 # the probe: still slower
+    assert gaps == [8, 16, 32, 32]                 # 4 x 2, then doubling, capped at 4x
+    steps_to_next_probe()
+    for _ in range(6):                             # drafts got good: the probe wins ...
+        g.record(1, True, 8, 0.04)
+    assert g.want_spec(1) is True                  # ... and drafting takes over, backoff reset
+    assert g._backoff[1] == 1
+    with pytest.raises(ValueError):
+        SpecGate(max_backoff=0)
+
+
 def test_gate_buckets_by_batch_size():
     g = SpecGate()
     assert [SpecGate.bucket(n) for n in (1, 2, 3, 4, 7, 8, 64)] == [1, 2, 2, 3, 3, 4, 4]
