@@ -110,14 +110,16 @@ class EngineCore:
         self.spec_stats = SpecDecodingStats()
         self.spec_gate = None
         self.spec_record = None   # acceptance of lookup nodes over all requests (spec/budget.py)
+        self.step_cost = None     # what a verified row costs here, fitted from step times
         if self.spec_config is not None:
-            from spruce.spec.budget import AcceptanceRecord
+            from spruce.spec.budget import AcceptanceRecord, StepCost
             from spruce.spec.gate import SpecGate
             from spruce.spec.proposers import make_proposer
             self.proposer = make_proposer(self.spec_config, self)
             if self.spec_config.adaptive:
                 self.spec_gate = SpecGate()
                 self.spec_record = AcceptanceRecord()
+                self.step_cost = StepCost()
         self._ids = itertools.count()
         if log_progress:
             print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
@@ -201,9 +203,9 @@ class EngineCore:
     # ----- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0, speculated = time.perf_counter(), self._propose()
-        scheduled = self.scheduler.schedule()
+        scheduled, t1 = self.scheduler.schedule(), time.perf_counter()
         model_output = self.runner.execute(scheduled) if not scheduled.is_empty else ModelRunnerOutput()
-        self._time_step(scheduled, model_output, speculated, time.perf_counter() - t0)
+        self._time_step(scheduled, model_output, speculated, t0, t1)
         return self._update(scheduled, model_output)
 
     def _propose(self) -> Optional[bool]:
@@ -230,22 +232,26 @@ class EngineCore:
                 if r.spec_record is None:
                     r.spec_record = AcceptanceRecord()
             trees = cut_trees(trees, [r.spec_record for r in reqs], self.spec_record, len(running),
-                              self.spec_config.max_num_verify_rows)
+                              self.spec_config.max_num_verify_rows, self.step_cost.row_value(len(running)))
         for req, tree in zip(reqs, trees):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
         return chose
 
     def _time_step(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput,
-                   speculated: Optional[bool], seconds: float) -> None:
+                   speculated: Optional[bool], t_propose: float, t_execute: float) -> None:
         # Only pure-decode steps tell the gate anything: a prefill chunk's time is not the
-        # drafts' cost. (The drafting time is in `seconds`: it is part of what speculation costs.)
-        if speculated is None or self.spec_gate is None or scheduled.is_empty:
+        # drafts' cost. (The drafting time is in the gate's seconds: it is part of what
+        # speculation costs; the row cost is fitted to the target's forward alone.)
+        if self.spec_gate is None or scheduled.is_empty:
             return
         if any(s.spec_tree is None and s.num_new_tokens != 1 for s in scheduled.scheduled):
             return
-        self.spec_gate.record(len(scheduled.scheduled), speculated,
-                              sum(len(t) for t in model_output.sampled.values()), seconds)
+        now = time.perf_counter()
+        self.step_cost.observe(scheduled.total_num_scheduled_tokens, now - t_execute)
+        if speculated is not None:
+            self.spec_gate.record(len(scheduled.scheduled), speculated,
+                                  sum(len(t) for t in model_output.sampled.values()), now - t_propose)
 
     def _update(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput) -> list[RequestOutput]:
         for s in scheduled.scheduled:

@@ -9,10 +9,11 @@ estimated probability of being accepted, its path's product of per-node estimate
     such nodes were accepted at that depth, given that their parent was, smoothed towards the
     record of all requests;
   - a node both proposed: the larger.
-The step keeps, over all its trees, the nodes whose estimate is at least `row_value(batch)`
-(the expected tokens a row must bring to pay for itself), best first and at most `max_rows` in
-all (the plain rows included: 16 keeps every row of a small batch in the bf16 dot kernel, whose
-rows do not depend on the batch, so greedy speculation stays lossless in bf16 too).
+The step keeps, over all its trees, the nodes whose estimate is at least the expected tokens a
+row must bring to pay for itself (`StepCost.row_value(batch)`, fitted to this machine's step
+times), best first and at most `max_rows` in all (the plain rows included: 16 keeps every row of
+a small batch in the bf16 dot kernel, whose rows do not depend on the batch, so greedy
+speculation stays lossless in bf16 too).
 
 Only deterministic trees are cut. Dropping an independent draw because of the token it drew
 would bias multi-step speculative sampling, so a tree with sampled proposals is kept whole.
@@ -69,6 +70,43 @@ def row_value(num_running: int) -> float:
     return min(0.9, ROW_VALUE_PER_REQUEST * max(1, num_running))
 
 
+class StepCost:
+    """What a verified row costs on this machine, fitted online: the target's forward time of
+    pure-decode steps (trees included) as t = fixed + per_row * rows, by least squares with old
+    steps forgotten at `decay` per step. A plain step of n requests then costs fixed + per_row * n
+    for n tokens, and an extra row pays when it brings at least per_row * n / (fixed + per_row * n)
+    tokens. Until enough steps with different row counts are seen, `row_value` is the constant
+    measured on the Zen 4 dev box; the fit is what carries to other CPUs (AMX makes rows cheaper)."""
+
+    def __init__(self, decay: float = 0.995, min_steps: float = 24.0):
+        self.decay, self.min_steps = decay, min_steps
+        self.n = self.sr = self.srr = self.st = self.srt = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.n, self.sr, self.srr = d * self.n + 1, d * self.sr + rows, d * self.srr + rows * rows
+        self.st, self.srt = d * self.st + seconds, d * self.srt + rows * seconds
+
+    def fit(self) -> Optional[tuple[float, float]]:
+        """(fixed, per_row) seconds, or None while the steps seen cannot tell them apart."""
+        if self.n < self.min_steps:
+            return None
+        var = self.srr / self.n - (self.sr / self.n) ** 2
+        if var < 0.25:           # (almost) every step had the same row count
+            return None
+        per_row = (self.srt / self.n - self.sr / self.n * self.st / self.n) / var
+        fixed = self.st / self.n - per_row * self.sr / self.n
+        return (fixed, per_row) if per_row > 0 and fixed > 0 else None
+
+    def row_value(self, num_running: int) -> float:
+        f = self.fit()
+        if f is None:
+            return row_value(num_running)
+        fixed, per_row = f
+        n = max(1, num_running)
+        return min(0.9, max(0.01, per_row * n / (fixed + per_row * n)))
+
+
 def node_values(tree: TokenTree, record: AcceptanceRecord, prior: AcceptanceRecord) -> list[float]:
     """Estimated acceptance probability of each node (the root: 1)."""
     v = [1.0] * len(tree)
@@ -86,9 +124,11 @@ def node_values(tree: TokenTree, record: AcceptanceRecord, prior: AcceptanceReco
 
 
 def cut_trees(trees: Sequence[Optional[TokenTree]], records: Sequence[AcceptanceRecord],
-              prior: AcceptanceRecord, num_running: int, max_rows: int = 16) -> list[Optional[TokenTree]]:
-    """The trees cut to the nodes worth verifying this step (a tree left with its root only -> None)."""
-    threshold = row_value(num_running)
+              prior: AcceptanceRecord, num_running: int, max_rows: int = 16,
+              threshold: Optional[float] = None) -> list[Optional[TokenTree]]:
+    """The trees cut to the nodes worth verifying this step (a tree left with its root only -> None).
+    `threshold`: the estimated acceptance a node needs (default `row_value(num_running)`)."""
+    threshold = row_value(num_running) if threshold is None else threshold
     budget = max_rows - num_running          # speculative rows, beyond one row per request
     cand = []                                # (-value, depth, tree index, node)
     values: dict[int, list[float]] = {}

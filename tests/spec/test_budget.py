@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from spruce.spec.budget import AcceptanceRecord, cut_trees, node_values, row_value
+from spruce.spec.budget import AcceptanceRecord, StepCost, cut_trees, node_values, row_value
 from spruce.spec.tree import Proposal, TokenTree, merge_trees
 
 
@@ -92,3 +92,31 @@ def test_engine_cuts_trees_and_stays_lossless(make_llm):
     assert len(eng.spec_stats.num_accepted_tokens_per_pos) <= 3
     with pytest.raises(ValueError, match="max_num_verify_rows"):
         make_llm(speculative_config={"method": "ngram", "max_num_verify_rows": 1})
+
+
+def test_step_cost_fits_fixed_and_per_row_time_and_prices_a_row():
+    cost = StepCost(min_steps=8)
+    for _ in range(4):
+        cost.observe(1, 0.010 + 0.001)      # plain steps only: rows cannot be priced yet
+    assert cost.fit() is None and cost.row_value(1) == row_value(1)
+    for i in range(40):
+        rows = 1 + i % 9
+        cost.observe(rows, 0.010 + 0.001 * rows)
+    fixed, per_row = cost.fit()
+    assert fixed == pytest.approx(0.010, rel=1e-6) and per_row == pytest.approx(0.001, rel=1e-6)
+    # A plain step of 1 request: 11 ms for 1 token; an extra row (1 ms) must bring 1/11 token.
+    assert cost.row_value(1) == pytest.approx(1 / 11)
+    assert cost.row_value(8) == pytest.approx(8 / 18)
+    # Rows that cost nothing measurable still need a floor; a negative slope is no fit at all.
+    flat = StepCost(min_steps=8)
+    for i in range(40):
+        flat.observe(1 + i % 9, 0.012 - 0.0001 * (i % 9))
+    assert flat.fit() is None and flat.row_value(1) == row_value(1)
+
+
+def test_cut_uses_the_given_threshold():
+    t = _draft_tree([5, 1, 2], [-1, 0, 1], [1, 0.5, 0.2])      # path values 0.5, 0.1
+    (cut,) = cut_trees([t], [AcceptanceRecord()], AcceptanceRecord(), num_running=1, threshold=0.3)
+    assert cut.tokens == [5, 1]
+    (whole,) = cut_trees([t], [AcceptanceRecord()], AcceptanceRecord(), num_running=1, threshold=0.05)
+    assert whole.tokens == [5, 1, 2]
