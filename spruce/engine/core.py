@@ -226,6 +226,10 @@ class EngineCore:
             chose = None if kept else False
             reqs = kept
         trees = self.proposer.propose(reqs) if reqs else []
+        if chose and not any(t is not None and len(t) > 1 for t in trees):
+            # Nothing to propose (no n-gram match): a plain step, and the gate must time it as one,
+            # or the lookups' misses would make drafting look no better than not drafting.
+            chose = False
         if self.spec_record is not None and trees:
             from spruce.spec.budget import AcceptanceRecord, cut_trees
             for r in reqs:

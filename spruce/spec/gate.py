@@ -1,9 +1,12 @@
 """Speculate only while it pays.
 
 Whether drafting and verifying a tree beats a plain decode step depends on the proposer, the
-batch and the text, so the engine measures it. Pure-decode steps are timed. The gate keeps an
-average of emitted tokens per second for steps with trees and for steps without, per bucket of
-running requests (1, 2-3, 4-7, 8+), and takes the better branch. Now and then it takes the other
+batch and the text, so the engine measures it. Pure-decode steps are timed. The gate keeps, for
+steps with trees and for steps without, per bucket of running requests (1, 2-3, 4-7, 8+), the
+emitted tokens and the seconds as two moving sums, their ratio the branch's tokens/s, and takes
+the better branch. Sums, not an average of per-step rates, and a window of ~10 steps: n-gram
+drafts come in bursts of hits and misses, and with a 4-step average of rates a few misses in a row
+shut a proposer off that doubled the tokens of the steps it drafted (AMX box, W4 at batch 1). Now and then it takes the other
 branch, so that both estimates stay current: once every `probe_every` steps of a bucket. When the
 plain step is winning, the interval stretches by how much slower drafting measured (up to 4×),
 and doubles each time a drafting probe finds drafting still slower (up to `max_backoff`×), back
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 
 class SpecGate:
-    def __init__(self, probe_every: int = 16, alpha: float = 0.25, max_backoff: int = 8):
+    def __init__(self, probe_every: int = 16, alpha: float = 0.1, max_backoff: int = 8):
         if probe_every < 2:
             raise ValueError("probe_every must be >= 2")
         if max_backoff < 1:
             raise ValueError("max_backoff must be >= 1")
         self.probe_every, self.alpha, self.max_backoff = probe_every, alpha, max_backoff
-        self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> EMA tokens/s
+        self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> tokens/s
+        self._sums: dict[tuple[int, bool], tuple[float, float]] = {}   # -> moving (tokens, seconds)
         self._since_probe: dict[int, int] = {}
         self._backoff: dict[int, int] = {}     # bucket -> multiplier of the drafting-probe interval
         self._probing: dict[int, bool] = {}    # bucket -> the branch its last probe took
@@ -39,6 +43,8 @@ class SpecGate:
         if plain is None:
             return False         # ... then the plain step
         best = spec >= plain
+        if best:
+            self._backoff[b] = 1
         interval = self.probe_every if best else \
             int(self.probe_every * min(4.0, plain / spec) * self._backoff.get(b, 1))
         n = self._since_probe.get(b, 0) + 1
@@ -53,9 +59,12 @@ class SpecGate:
         if seconds <= 0 or num_tokens <= 0:
             return
         key = (self.bucket(num_running), speculated)
-        r = num_tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = r if old is None else old + self.alpha * (r - old)
+        old = self._sums.get(key)
+        a = self.alpha
+        tok, sec = (num_tokens, seconds) if old is None else \
+            (old[0] + a * (num_tokens - old[0]), old[1] + a * (seconds - old[1]))
+        self._sums[key] = (tok, sec)
+        self.rate[key] = tok / sec
         b = key[0]
         if speculated and self._probing.pop(b, None) is True:
             plain = self.rate.get((b, False))
