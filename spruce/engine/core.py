@@ -235,8 +235,13 @@ class EngineCore:
             for r in reqs:
                 if r.spec_record is None:
                     r.spec_record = AcceptanceRecord()
-            trees = cut_trees(trees, [r.spec_record for r in reqs], self.spec_record, len(running),
-                              self.spec_config.max_num_verify_rows, self.step_cost.row_value(len(running)))
+            # A seeded sampled request's draws follow its tree, so its tree must not depend on
+            # timing (the fitted row price) or on the rest of the batch (the row cap): kept whole.
+            seeded = [r.sampling_params.seed is not None and not r.sampling_params.is_greedy for r in reqs]
+            cut = cut_trees([None if f else t for t, f in zip(trees, seeded)], [r.spec_record for r in reqs],
+                            self.spec_record, len(running), self.spec_config.max_num_verify_rows,
+                            self.step_cost.row_value(len(running)))
+            trees = [t if f else c for t, c, f in zip(trees, cut, seeded)]
         for req, tree in zip(reqs, trees):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
