@@ -212,8 +212,10 @@ class EngineCore:
         """Attach draft trees to decoding requests for the scheduler to budget. Under load (more
         running requests than max_num_seqs_for_spec) nothing is drafted: a big batch already
         uses the hardware well, and verifying rejected drafts would only slow it down. Below it
-        the gate (spec/gate.py) drafts only while drafting measures faster -- except for seeded
-        sampled requests, whose draws (and so whose text) would otherwise depend on timing.
+        the gate (spec/gate.py) lets a drafter that runs a model draft only while drafting
+        measures faster -- except for seeded sampled requests, whose draws (and so whose text)
+        would otherwise depend on timing. A lookup drafts whenever it finds something, and the
+        per-node cut (spec/budget.py) prices its rows.
         Returns what the gate chose for the whole step (None: not asked, or a mixed step)."""
         running = self.scheduler.running
         if self.proposer is None or not running or len(running) > self.spec_config.max_num_seqs_for_spec:
@@ -221,7 +223,7 @@ class EngineCore:
         reqs = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.speculate
                 and (r.max_tokens is None or r.num_output_tokens + 1 < r.max_tokens)]
         chose = True
-        if self.spec_gate is not None and not self.spec_gate.want_spec(len(running)):
+        if self.spec_gate is not None and not self.proposer.cheap and not self.spec_gate.want_spec(len(running)):
             kept = [r for r in reqs if r.sampling_params.seed is not None and not r.sampling_params.is_greedy]
             chose = None if kept else False
             reqs = kept

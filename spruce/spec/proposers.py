@@ -13,6 +13,10 @@ from spruce.spec.tree import TokenTree, merge_trees
 
 class Proposer(ABC):
     proposer_id: int = 0
+    # Proposing costs next to nothing (a lookup in the request's own tokens). Then the engine
+    # drafts whenever there is something to draft and lets the per-node cut (spec/budget.py)
+    # price the rows; the measured gate (spec/gate.py) is for proposers that run a model.
+    cheap: bool = False
 
     @abstractmethod
     def propose(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
@@ -27,6 +31,7 @@ class NgramProposer(Proposer):
     earlier in the request's tokens and propose what followed it. With a tree config, the
     continuations of several earlier occurrences become the branches of one tree. Drafts are
     deterministic picks, verified as point masses, so sampling stays exact."""
+    cheap = True
 
     def __init__(self, config: SpeculativeConfig, proposer_id: int = 0):
         self.k = config.depth
@@ -71,6 +76,7 @@ class MergedProposer(Proposer):
 
     def __init__(self, proposers: list[Proposer]):
         self.proposers = proposers
+        self.cheap = all(p.cheap for p in proposers)
 
     def propose(self, requests):
         per = [p.propose(requests) for p in self.proposers]
