@@ -233,21 +233,25 @@ class EngineCore:
             # or the lookups' misses would make drafting look no better than not drafting.
             chose = False
         if self.spec_record is not None and trees:
-            from spruce.spec.budget import AcceptanceRecord, cut_trees
-            for r in reqs:
-                if r.spec_record is None:
-                    r.spec_record = AcceptanceRecord()
-            # A seeded sampled request's draws follow its tree, so its tree must not depend on
-            # timing (the fitted row price) or on the rest of the batch (the row cap): kept whole.
-            seeded = [r.sampling_params.seed is not None and not r.sampling_params.is_greedy for r in reqs]
-            cut = cut_trees([None if f else t for t, f in zip(trees, seeded)], [r.spec_record for r in reqs],
-                            self.spec_record, len(running), self.spec_config.max_num_verify_rows,
-                            self.step_cost.row_value(len(running)))
-            trees = [t if f else c for t, c, f in zip(trees, cut, seeded)]
+            trees = self._cut(reqs, trees, len(running))
         for req, tree in zip(reqs, trees):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
         return chose
+
+    def _cut(self, reqs: list, trees: list, num_running: int) -> list:
+        """The trees cut to the nodes that pay for their rows (spec/budget.py). A seeded sampled
+        request's draws follow its tree, so its tree must not depend on timing (the fitted row
+        price) or on the rest of the batch (the row cap): it is kept whole."""
+        from spruce.spec.budget import AcceptanceRecord, cut_trees
+        for r in reqs:
+            if r.spec_record is None:
+                r.spec_record = AcceptanceRecord()
+        seeded = [r.sampling_params.seed is not None and not r.sampling_params.is_greedy for r in reqs]
+        cut = cut_trees([None if f else t for t, f in zip(trees, seeded)], [r.spec_record for r in reqs],
+                        self.spec_record, num_running, self.spec_config.max_num_verify_rows,
+                        self.step_cost.row_value(num_running))
+        return [t if f else c for t, c, f in zip(trees, cut, seeded)]
 
     def _time_step(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput,
                    speculated: Optional[bool], t_propose: float, t_execute: float) -> None:

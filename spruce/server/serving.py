@@ -76,8 +76,14 @@ def _usage(prompt_lens: list[int], completion_tokens: int) -> dict:
     return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
 
 
+# Line breaks to str.splitlines that JSON leaves raw in strings: escaped, so that clients which
+# read an SSE stream with a splitlines-style reader (httpx's aiter_lines) still get whole events.
+_SPLITLINES_ONLY = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    text = json.dumps(obj, ensure_ascii=False, separators=(',', ':')).translate(_SPLITLINES_ONLY)
+    return f"data: {text}\n\n"
 
 
 def _sampled(entry: dict):

@@ -1,14 +1,15 @@
 """Speculate only while it pays.
 
 Whether drafting and verifying a tree beats a plain decode step depends on the proposer, the
-batch and the text, so the engine measures it. Pure-decode steps are timed. The gate keeps, for
-steps with trees and for steps without, per bucket of running requests (1, 2-3, 4-7, 8+), the
-emitted tokens and the seconds as two moving sums, their ratio the branch's tokens/s, and takes
-the better branch. Sums, not an average of per-step rates, and a window of ~10 steps: drafts
-come in bursts of hits and misses, and a 4-step average of rates let a few misses in a row shut
-drafting off. Only drafters that run a model are gated: an n-gram lookup costs nothing to ask, and
-even the 10-step gate left 40% of its useful steps undrafted on W4 at batch 1 (AMX box: gated
-81.7 tok/s, ungated 92.8, plain 58.8), so EngineCore lets the per-node cut price its rows alone. Now and then it takes the other
+batch and the text, so the engine measures it. Pure-decode steps are timed. The gate keeps an
+average of emitted tokens per second for steps with trees and for steps without, per bucket of
+running requests (1, 2-3, 4-7, 8+), and takes the better branch. Only drafters that run a model
+are gated. An n-gram lookup costs nothing to ask, and its drafts come in bursts of hits and
+misses that turned the gate off for 40% of the steps where drafting paid (AMX box, W4 at batch 1:
+gated 81.7 tok/s, ungated 92.8, plain 58.8), so EngineCore lets the per-node cut (budget.py)
+price its rows alone. A 10-step window of moving sums instead of this 4-step average of rates
+measured worse for the draft model (W4 batch 1, single runs: x0.93-0.96 against x1.02-1.04),
+since it keeps drafting longer after a good stretch ends. Now and then it takes the other
 branch, so that both estimates stay current: once every `probe_every` steps of a bucket. When the
 plain step is winning, the interval stretches by how much slower drafting measured (up to 4×),
 and doubles each time a drafting probe finds drafting still slower (up to `max_backoff`×), back
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 
 class SpecGate:
-    def __init__(self, probe_every: int = 16, alpha: float = 0.1, max_backoff: int = 8):
+    def __init__(self, probe_every: int = 16, alpha: float = 0.25, max_backoff: int = 8):
         if probe_every < 2:
             raise ValueError("probe_every must be >= 2")
         if max_backoff < 1:
             raise ValueError("max_backoff must be >= 1")
         self.probe_every, self.alpha, self.max_backoff = probe_every, alpha, max_backoff
-        self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> tokens/s
-        self._sums: dict[tuple[int, bool], tuple[float, float]] = {}   # -> moving (tokens, seconds)
+        self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculated) -> EMA tokens/s
         self._since_probe: dict[int, int] = {}
         self._backoff: dict[int, int] = {}     # bucket -> multiplier of the drafting-probe interval
         self._probing: dict[int, bool] = {}    # bucket -> the branch its last probe took
@@ -61,12 +61,9 @@ class SpecGate:
         if seconds <= 0 or num_tokens <= 0:
             return
         key = (self.bucket(num_running), speculated)
-        old = self._sums.get(key)
-        a = self.alpha
-        tok, sec = (num_tokens, seconds) if old is None else \
-            (old[0] + a * (num_tokens - old[0]), old[1] + a * (seconds - old[1]))
-        self._sums[key] = (tok, sec)
-        self.rate[key] = tok / sec
+        r = num_tokens / seconds
+        old = self.rate.get(key)
+        self.rate[key] = r if old is None else old + self.alpha * (r - old)
         b = key[0]
         if speculated and self._probing.pop(b, None) is True:
             plain = self.rate.get((b, False))

@@ -1,7 +1,12 @@
 """`spruce bench serve` pieces that need no server: vLLM's random dataset, metrics, /metrics parsing."""
+import asyncio
+import json
+
 import pytest
 
-from spruce.bench.serve import RequestResult, calculate_metrics, metric_value, parse_goodput, parse_prometheus
+from spruce.bench.serve import (RequestResult, _sse_data, calculate_metrics, metric_value, parse_goodput,
+                                parse_prometheus)
+from spruce.server.serving import _sse
 from spruce.bench.serve_datasets import BenchTokenizer, sample_random
 
 
@@ -41,3 +46,27 @@ def test_metrics_follow_vllm_definitions(tok):
     assert m["request_goodput"] == 0.5  # the second misses ttft:200
     with pytest.raises(ValueError):
         parse_goodput(["latency:5"])
+
+
+def test_sse_events_split_at_newlines_only():
+    """A chunk whose text holds U+2028 / U+0085 (raw in JSON) stays one event, however the
+    bytes arrive; the server escapes them too, for readers that split like str.splitlines."""
+    text = "a\u2028b\x85c\u2029d \u00e9"
+    raw = f'data: {json.dumps({"t": text}, ensure_ascii=False)}\r\n\ndata: [DONE]\n\n'.encode()
+
+    class Resp:
+        def __init__(self, step):
+            self.step = step
+
+        async def aiter_bytes(self):
+            for i in range(0, len(raw), self.step):
+                yield raw[i:i + self.step]
+
+    async def collect(step):
+        return [d async for d in _sse_data(Resp(step))]
+
+    for step in (1, 3, len(raw)):
+        events = asyncio.run(collect(step))
+        assert events[-1] == "[DONE]" and json.loads(events[0]) == {"t": text}
+    served = _sse({"t": text})
+    assert len(served.rstrip("\n").splitlines()) == 1 and json.loads(served[5:]) == {"t": text}
