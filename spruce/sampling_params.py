@@ -93,6 +93,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def is_seeded_sampling(self) -> bool:
+        """Draws from the request's own seeded generator: its text must depend on nothing else,
+        neither timing nor the rest of the batch."""
+        return self.seed is not None and not self.is_greedy
+
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace
         return replace(self, **changes)

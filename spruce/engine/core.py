@@ -224,7 +224,7 @@ class EngineCore:
                 and (r.max_tokens is None or r.num_output_tokens + 1 < r.max_tokens)]
         chose = True
         if self.spec_gate is not None and not self.proposer.cheap and not self.spec_gate.want_spec(len(running)):
-            kept = [r for r in reqs if r.sampling_params.seed is not None and not r.sampling_params.is_greedy]
+            kept = [r for r in reqs if r.sampling_params.is_seeded_sampling]
             chose = None if kept else False
             reqs = kept
         trees = self.proposer.propose(reqs) if reqs else []
@@ -247,7 +247,7 @@ class EngineCore:
         for r in reqs:
             if r.spec_record is None:
                 r.spec_record = AcceptanceRecord()
-        seeded = [r.sampling_params.seed is not None and not r.sampling_params.is_greedy for r in reqs]
+        seeded = [r.sampling_params.is_seeded_sampling for r in reqs]
         cut = cut_trees([None if f else t for t, f in zip(trees, seeded)], [r.spec_record for r in reqs],
                         self.spec_record, num_running, self.spec_config.max_num_verify_rows,
                         self.step_cost.row_value(num_running))

@@ -6,8 +6,8 @@ import pytest
 
 from spruce.bench.serve import (RequestResult, _sse_data, calculate_metrics, metric_value, parse_goodput,
                                 parse_prometheus)
-from spruce.server.serving import _sse
 from spruce.bench.serve_datasets import BenchTokenizer, sample_random
+from spruce.server.serving import _sse
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,12 @@ def test_step_cost_fits_fixed_and_per_row_time_and_prices_a_row():
     # A plain step of 1 request: 11 ms for 1 token; an extra row (1 ms) must bring 1/11 token.
     assert cost.row_value(1) == pytest.approx(1 / 11)
     assert cost.row_value(8) == pytest.approx(8 / 18)
-    # Rows that cost nothing measurable still need a floor; a negative slope is no fit at all.
+    # Rows that cost almost nothing still need a floor of 0.01 tokens ...
+    cheap = StepCost(min_steps=8)
+    for i in range(40):
+        cheap.observe(1 + i % 9, 0.010 + 1e-7 * (1 + i % 9))
+    assert cheap.fit() is not None and cheap.row_value(1) == 0.01
+    # ... and a negative slope is no fit at all.
     flat = StepCost(min_steps=8)
     for i in range(40):
         flat.observe(1 + i % 9, 0.012 - 0.0001 * (i % 9))
