@@ -50,6 +50,7 @@ class CacheConfig:
     kv_cache_memory: Optional[int | str] = None  # bytes or '4GiB'; None: a default sized to the machine
     num_gpu_blocks_override: Optional[int] = None  # tests: an exact block count
     enable_prefix_caching: bool = True
+    kv_prefault: bool = False  # make the whole cache resident at start-up (spruce serve: on)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

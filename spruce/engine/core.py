@@ -16,6 +16,7 @@ from spruce.engine.output_processor import OutputProcessor
 from spruce.engine.runner import ModelRunner, ModelRunnerOutput
 from spruce.engine.scheduler import Scheduler, SchedulerOutput
 from spruce.kv.manager import KVCacheManager
+from spruce.models.kv_memory import prefault
 from spruce.models.llama import allocate_kv_cache
 from spruce.models.loader import dtype_auto, load_model
 from spruce.models.resolve import resolve_model
@@ -100,6 +101,8 @@ class EngineCore:
                                  self.model_config.max_position_embeddings)
         self.num_blocks = self._num_blocks()
         self.kv_caches = allocate_kv_cache(self.model_config, self.num_blocks, cc.block_size, self.dtype, self.device)
+        if cc.kv_prefault:
+            self._prefault_kv(log_progress)
         self.kv_manager = KVCacheManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv_manager, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.vocab_size, self.device,
@@ -125,6 +128,18 @@ class EngineCore:
             print(f"[spruce] loaded {self.model_name} ({self.dtype}, {self.device}) in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {self.num_blocks} blocks x {cc.block_size} tokens",
                   file=sys.stderr)
+
+    def _prefault_kv(self, log_progress: bool) -> None:
+        t, tensors = time.perf_counter(), [x for kv in self.kv_caches for x in kv]
+        if log_progress:
+            gib = sum(x.numel() * x.element_size() for x in tensors) / (1 << 30)
+            print(f"[spruce] making the {gib:.1f} GiB KV cache resident ...", file=sys.stderr, flush=True)
+        ok = prefault(tensors, torch.get_num_threads())
+        if log_progress and ok:
+            print(f"[spruce] KV cache resident in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        elif log_progress:
+            print("[spruce] this kernel cannot populate pages (MADV_POPULATE_WRITE, Linux >= 5.14): "
+                  "the KV cache faults in as it is first written", file=sys.stderr)
 
     def _num_blocks(self) -> int:
         cc, m = self.config.cache_config, self.model_config

@@ -18,6 +18,7 @@ from torch import nn
 from spruce.attention.backend import AttentionBackend, get_attention_backend
 from spruce.attention.metadata import AttentionMetadata
 from spruce.models.elementwise import TorchElementwise, get_elementwise
+from spruce.models.kv_memory import zeros
 from spruce.models.linear import TorchLinear, get_linear
 from spruce.models.quant import QuantWeight
 
@@ -88,33 +89,7 @@ def allocate_kv_cache(config: LlamaConfig, num_blocks: int, block_size: int, dty
 
     Zeroed, not empty: attention backends may read (masked) padding slots, and 0 * NaN is NaN."""
     shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_hidden_layers)]
-
-
-_HUGE_PAGE = 2 << 20
-
-
-def _zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """On CPU, an anonymous mapping: zero pages from the OS without writing them, so a 4 GiB cache
-    costs neither a multi-second memset at start-up nor resident memory until it is used. It is
-    marked for transparent huge pages where the kernel offers them on request: decode attention
-    reads each request's blocks scattered over the cache, and with 4 KiB pages the TLB misses
-    cost 10-13% of the decode attention op (SmolLM2, 32 requests x 220 tokens, Zen 4 dev box)."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    import math
-    import mmap
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:   # THP compiled out or disabled: plain pages
-            pass
-    # The tensor holds a reference to the mapping, which lives as long as the tensor does.
-    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+    return [(zeros(shape, dtype, device), zeros(shape, dtype, device)) for _ in range(config.num_hidden_layers)]
 
 
 def rope_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, float]:

@@ -32,6 +32,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 503 + Retry-After while this many requests wait (default: no bound)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish before abort")
+    g.add_argument("--kv-prefault", action=argparse.BooleanOptionalAction, default=True,
+                   help="make the whole KV cache resident before serving (seconds at start-up; no page "
+                        "faults in the first requests' forwards)")
     g.add_argument("--engine-loop", choices=["process", "thread"], default="process",
                    help="run EngineCore in its own process (default) or in a thread of the server")
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -115,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     kwargs = engine_kwargs(args)
     kwargs["max_waiting_requests"] = args.max_waiting_requests
+    kwargs["kv_prefault"] = args.kv_prefault
     config = EngineConfig.from_kwargs(**kwargs)
     try:
         return asyncio.run(_serve(args, config))
