@@ -108,6 +108,10 @@ class SpeculativeConfig:
     # With adaptive on, each step also cuts the trees to the nodes whose estimated acceptance pays
     # for their rows, at most this many rows in the step, plain rows included (spec/budget.py).
     max_num_verify_rows: int = 16
+    # With adaptive on, a model drafter drafts for a request only while it has at most this many
+    # generated tokens to catch up on: a request decoded plain for long (a big batch's tail) would
+    # first make the draft re-read all of them, which costs more than its drafts can win back.
+    max_draft_backlog: int = 32
 
     def __post_init__(self):
         if self.method not in SPEC_METHODS:

@@ -228,21 +228,26 @@ class EngineCore:
         running requests than max_num_seqs_for_spec) nothing is drafted: a big batch already
         uses the hardware well, and verifying rejected drafts would only slow it down. Below it
         the gate (spec/gate.py) lets a drafter that runs a model draft only while drafting
-        measures faster -- except for seeded sampled requests, whose draws (and so whose text)
-        would otherwise depend on timing. A lookup drafts whenever it finds something, and the
-        per-node cut (spec/budget.py) prices its rows.
+        measures faster, and only for requests it has kept up with (max_draft_backlog) -- except
+        for seeded sampled requests, whose draws (and so whose text) would otherwise depend on
+        timing. A lookup, alone or as a merged tree's cheap part, drafts whenever it finds
+        something, and the per-node cut (spec/budget.py) prices its rows.
         Returns what the gate chose for the whole step (None: not asked, or a mixed step)."""
         running = self.scheduler.running
         if self.proposer is None or not running or len(running) > self.spec_config.max_num_seqs_for_spec:
             return None
         reqs = [r for r in running if r.num_tokens - r.num_computed_tokens == 1 and r.sampling_params.speculate
                 and (r.max_tokens is None or r.num_output_tokens + 1 < r.max_tokens)]
-        chose = True
-        if self.spec_gate is not None and not self.proposer.cheap and not self.spec_gate.want_spec(len(running)):
-            kept = [r for r in reqs if r.sampling_params.is_seeded_sampling]
-            chose = None if kept else False
-            reqs = kept
-        trees = self.proposer.propose(reqs) if reqs else []
+        full = [True] * len(reqs)
+        if self.spec_gate is not None and not self.proposer.cheap:
+            gate_open = self.spec_gate.want_spec(len(running))
+            max_backlog = self.spec_config.max_draft_backlog
+            full = [r.sampling_params.is_seeded_sampling or (gate_open and self.proposer.backlog(r) <= max_backlog)
+                    for r in reqs]
+        trees = self._trees(reqs, full)
+        # What the gate times: steps where the model drafter ran for every request against steps
+        # where it ran for none (a merged tree's cheap lookups may still draft in those).
+        chose = True if all(full) else False if not any(full) else None
         if chose and not any(t is not None and len(t) > 1 for t in trees):
             # Nothing to propose (no n-gram match): a plain step, and the gate must time it as one,
             # or the lookups' misses would make drafting look no better than not drafting.
@@ -253,6 +258,16 @@ class EngineCore:
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
         return chose
+
+    def _trees(self, reqs: list, full: list[bool]) -> list:
+        """The full proposer's trees for requests marked `full`, its cheap part's for the rest."""
+        trees: list = [None] * len(reqs)
+        for want_full, propose in ((True, self.proposer.propose), (False, self.proposer.propose_cheap)):
+            idx = [i for i, f in enumerate(full) if f == want_full]
+            if idx:
+                for i, t in zip(idx, propose([reqs[i] for i in idx])):
+                    trees[i] = t
+        return trees
 
     def _cut(self, reqs: list, trees: list, num_running: int) -> list:
         """The trees cut to the nodes that pay for their rows (spec/budget.py). A seeded sampled

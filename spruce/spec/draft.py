@@ -118,6 +118,11 @@ class PagedDraftProposer(Proposer):
             if seq is not None:
                 self.kv.free(seq)
 
+    def backlog(self, request: Request) -> int:
+        seq = self.seqs.get(request.request_id)
+        done = seq.num_computed_tokens if seq is not None and seq.request is request else 0
+        return request.num_tokens - max(done, request.num_prompt_tokens)
+
     def _sweep(self, keep: set[str]) -> None:
         """Drop states of finished requests (in case a caller did not report them)."""
         dead = [rid for rid, s in self.seqs.items() if rid not in keep and s.request.is_finished]

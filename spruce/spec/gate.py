@@ -16,7 +16,11 @@ and doubles each time a drafting probe finds drafting still slower (up to `max_b
 to 1× once drafting wins. A draft model's probe is dear -- at 4 requests on the Zen 4 dev box a
 drafted step took ~60 ms against ~18 ms (the draft first catches up on the tokens decoded since
 its last pass) -- and one in ~40 steps cost ~5% of a W4 batch; repeated confirmations make it
-rarer. All of this sits on top of the load cap (`max_num_seqs_for_spec`).
+rarer, and EngineCore does not let a draft model catch up on more than `max_draft_backlog`
+generated tokens at all (a big batch's tail, decoded plain for a hundred steps, stays plain).
+All of this sits on top of the load cap (`max_num_seqs_for_spec`). In a merged tree only the
+model drafter is gated: steps the gate keeps plain still carry the cheap lookups' trees, so the
+gate compares the merged tree against the lookups alone.
 """
 from __future__ import annotations
 

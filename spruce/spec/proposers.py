@@ -25,6 +25,16 @@ class Proposer(ABC):
     def on_finished(self, request_ids: Sequence[str]) -> None:
         """Drop per-request state (draft KV, caches) of finished or preempted requests."""
 
+    def backlog(self, request: Request) -> int:
+        """Generated tokens this proposer must still run before it can draft for `request` (a
+        model drafter catches up on every token decoded since its last pass; the prompt is not
+        counted: a first draft must read it whenever it happens)."""
+        return 0
+
+    def propose_cheap(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
+        """Trees from the cheap part alone (see `cheap`): for steps the gate keeps plain."""
+        return self.propose(requests) if self.cheap else [None] * len(requests)
+
 
 class NgramProposer(Proposer):
     """Prompt lookup: find the longest recent suffix (prompt_lookup_max .. min tokens) that occurred
@@ -79,7 +89,16 @@ class MergedProposer(Proposer):
         self.cheap = all(p.cheap for p in proposers)
 
     def propose(self, requests):
-        per = [p.propose(requests) for p in self.proposers]
+        return self._merge([p.propose(requests) for p in self.proposers])
+
+    def propose_cheap(self, requests):
+        return self._merge([p.propose_cheap(requests) for p in self.proposers])
+
+    def backlog(self, request):
+        return max(p.backlog(request) for p in self.proposers)
+
+    @staticmethod
+    def _merge(per: list[list]) -> list:
         out = []
         for trees in zip(*per):
             trees = [t for t in trees if t is not None and len(t) > 1]

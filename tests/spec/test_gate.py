@@ -69,3 +69,35 @@ def test_gated_engine_stays_lossless_and_seeded_sampling_reproducible(make_llm):
     runs = [[o.outputs[0].token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] for _ in range(2)]
     assert runs[0] == runs[1]
     assert llm.engine.spec_gate.rate   # the gate measured steps
+
+
+def test_a_gated_off_merged_tree_keeps_its_lookups_and_a_stale_draft_stays_plain(make_llm):
+    """While the gate keeps a step plain, a merged tree's n-gram part still drafts and the model
+    part is not run; once a request has decoded more than max_draft_backlog tokens plain, the
+    model drafter is not run for it even when the gate opens (it would first re-read them)."""
+    spec = {"method": "merged", "num_speculative_tokens": 4, "adaptive": True, "max_draft_backlog": 4,
+            "methods": [{"method": "ngram"}, {"method": "early_exit", "num_early_exit_layers": 4}]}
+    llm = make_llm(speculative_config=spec)
+    engine = llm.engine
+    ngram, early_exit = engine.proposer.proposers
+    model_calls = []
+    propose = early_exit.propose
+    early_exit.propose = lambda reqs: (model_calls.append(len(reqs)), propose(reqs))[1]
+    steps = []
+
+    def want_spec(num_running):   # closed for the first 10 decode steps, then open
+        steps.append(num_running)
+        return len(steps) > 10
+    engine.spec_gate.want_spec = want_spec
+    prompt = "Repeat after me: one two three, one two three, one two three, one two three"
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    got = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == make_llm().generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(steps) > 10                    # the gate was asked, and opened
+    assert engine.spec_stats.num_drafts > 0   # the lookups drafted while it was closed
+    assert model_calls == []                  # the draft never ran: 10 plain tokens > backlog 4
+
+    # A fresh request, gate open from its first decode step: the model drafter runs for it.
+    steps.extend([0] * 10)
+    llm.generate([prompt], greedy, use_tqdm=False)
+    assert model_calls and all(n == 1 for n in model_calls)
