@@ -80,14 +80,14 @@ class SchedulerConfig:
 
 
 SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)
-SPEC_METHODS = ("ngram", "draft_model", "early_exit", "merged")
+SPEC_METHODS = ("ngram", "draft_model", "early_exit", "mlp_speculator", "merged")
 
 
 @dataclass
 class SpeculativeConfig:
     """vLLM's --speculative-config shape, plus SpecInfer's tree options."""
     method: str = "ngram"
-    model: Optional[str] = None               # draft_model: the draft checkpoint
+    model: Optional[str] = None               # draft_model / mlp_speculator: the checkpoint
     num_speculative_tokens: int = 4           # chain length, or the tree's max depth
     prompt_lookup_min: int = 1                # ngram: shortest suffix to look up
     prompt_lookup_max: int = 4                # ngram: longest suffix to look up
@@ -123,8 +123,8 @@ class SpeculativeConfig:
         if self.tree is not None and (not isinstance(self.tree, (list, tuple))
                                       or not all(isinstance(k, int) and k >= 1 for k in self.tree)):
             raise ValueError(f"tree must be 'specinfer' or a list of positive ints, got {self.tree!r}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative method draft_model needs 'model'")
+        if self.method in ("draft_model", "mlp_speculator") and not self.model:
+            raise ValueError(f"speculative method {self.method} needs 'model'")
         if self.method == "merged" and not self.methods:
             raise ValueError("speculative method merged needs 'methods': a list of proposer configs")
         if self.beam_width is not None and self.beam_width < 1:

@@ -37,6 +37,15 @@ MODES = {
                     "beam_width": 3},
     "merged": {"method": "merged", "tree": "specinfer", "methods": [
         {"method": "draft_model", "model": "{draft}"}, {"method": "ngram"}]},
+    # {speculator}: `spruce distill --kind mlp_speculator`'s checkpoint (--speculator).
+    "mlp-4": {"method": "mlp_speculator", "model": "{speculator}", "num_speculative_tokens": 4},
+    "mlp-8": {"method": "mlp_speculator", "model": "{speculator}", "num_speculative_tokens": 8},
+    "mlp-tree4": {"method": "mlp_speculator", "model": "{speculator}", "tree": [3, 1, 1, 1]},
+    "mlp-specinfer": {"method": "mlp_speculator", "model": "{speculator}", "tree": "specinfer"},
+    "mlp-beam4": {"method": "mlp_speculator", "model": "{speculator}", "num_speculative_tokens": 4,
+                  "beam_width": 3},
+    "merged-mlp": {"method": "merged", "tree": [3, 1, 1, 1], "methods": [
+        {"method": "mlp_speculator", "model": "{speculator}"}, {"method": "ngram"}]},
 }
 
 
@@ -46,6 +55,8 @@ def add_spec_bench(sub) -> None:
     p.add_argument("--modes", default="none,ngram-4,ngram-8,early_exit-4",
                    help=f"comma list from: {', '.join(MODES)}")
     p.add_argument("--draft", default=None, help="draft checkpoint (spruce distill --out DIR) for draft modes")
+    p.add_argument("--speculator", default=None,
+                   help="MLP speculator (spruce distill --kind mlp_speculator --out DIR) for mlp modes")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -67,7 +78,7 @@ def load_w4(path=None) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _config(mode: str, draft, max_num_seqs_for_spec=None):
+def _config(mode: str, draft, max_num_seqs_for_spec=None, speculator=None):
     cfg = MODES[mode]
     if cfg is None:
         return None
@@ -76,6 +87,11 @@ def _config(mode: str, draft, max_num_seqs_for_spec=None):
         if not draft:
             raise ValueError(f"mode {mode!r} needs --draft DIR (make one with `spruce distill`)")
         text = text.replace("{draft}", draft)
+    if "{speculator}" in text:
+        if not speculator:
+            raise ValueError(f"mode {mode!r} needs --speculator DIR (make one with "
+                             "`spruce distill --kind mlp_speculator`)")
+        text = text.replace("{speculator}", speculator)
     cfg = json.loads(text)
     if max_num_seqs_for_spec is not None:   # forced: the measured gate is off too
         cfg["max_num_seqs_for_spec"] = max_num_seqs_for_spec
@@ -130,7 +146,8 @@ def run(args) -> int:
         rounds: dict = defaultdict(list)
         for rep in range(args.repeats):
             for mode in modes:
-                llm = LLM(_loaded=loaded, speculative_config=_config(mode, args.draft, args.max_num_seqs_for_spec),
+                cfg = _config(mode, args.draft, args.max_num_seqs_for_spec, args.speculator)
+                llm = LLM(_loaded=loaded, speculative_config=cfg,
                           **{k: v for k, v in kwargs.items()
                              if k not in ("model", "dtype", "device", "tokenizer", "speculative_config")})
                 _run_mode(llm, prompts[:min(batch, 2)], kinds, batch, 8)  # warm-up

@@ -119,6 +119,7 @@ class EngineCore:
             from spruce.spec.gate import SpecGate
             from spruce.spec.proposers import make_proposer
             self.proposer = make_proposer(self.spec_config, self)
+            self.runner.return_hidden = self.proposer.needs_hidden
             if self.spec_config.adaptive:
                 self.spec_gate = SpecGate()
                 self.spec_record = AcceptanceRecord()
@@ -313,6 +314,8 @@ class EngineCore:
             req.num_spec_steps += 1
             req.num_spec_accepted += sum(accepted)
         updated = self.scheduler.update_from_output(scheduled, model_output.sampled)
+        if model_output.hidden:
+            self.proposer.observe_hidden(updated, model_output.hidden)
         outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:   # drop draft state (draft KV) of finished/preempted requests

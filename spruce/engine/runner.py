@@ -21,6 +21,10 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
     # Speculative requests: request id -> (draft tokens proposed, accepted per depth as 0/1 list).
     spec_stats: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    # request id -> the logits row that gave its last token this step; with return_hidden, the
+    # final-normed hidden state of that row (what an MLP speculator drafts from).
+    final_rows: dict[str, int] = field(default_factory=dict)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ModelRunner:
                  max_logprobs: int = 20):
         self.model = model
         self.kv_caches = kv_caches
+        self.return_hidden = False   # set when the proposer drafts from hidden states
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
@@ -110,12 +115,20 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if not len(batch.logits_indices):
             return result
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        selected = hidden.index_select(0, batch.logits_indices)
+        logits = self.model.compute_logits(selected)
         if batch.spec:
             from spruce.spec.decoding import verify_trees
             verify_trees(self, batch.spec, logits, result)
         if batch.sampling_rows:
-            self._sample(batch.sampling_rows, logits[len(logits) - len(batch.sampling_rows):], result)
+            first = len(logits) - len(batch.sampling_rows)
+            self._sample(batch.sampling_rows, logits[first:], result)
+            for row, req in enumerate(batch.sampling_rows):
+                result.final_rows[req.request_id] = first + row
+        if self.return_hidden and result.final_rows:
+            rids = list(result.final_rows)
+            rows = torch.tensor([result.final_rows[r] for r in rids], dtype=torch.long, device=selected.device)
+            result.hidden = dict(zip(rids, selected.index_select(0, rows).unbind(0)))
         return result
 
     def _sample(self, rows: list, logits: torch.Tensor, result: ModelRunnerOutput) -> None:

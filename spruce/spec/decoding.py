@@ -30,6 +30,7 @@ def verify_trees(runner, spec: list, logits: torch.Tensor, result) -> None:
         req = s.request
         tokens = res.tokens(tree)
         result.sampled[req.request_id] = tokens
+        result.final_rows[req.request_id] = row + (res.accepted[-1] if res.accepted else 0)
         start = req.num_computed_tokens
         for depth, node in enumerate(res.accepted, start=1):
             if node != depth:  # BFS order puts a chain's nodes at their depth already

@@ -28,8 +28,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,17 +36,11 @@ import torch.nn.functional as F
 
 from spruce.models.elementwise import rms_norm
 from spruce.models.llama import LlamaConfig, LlamaForCausalLM
-from spruce.spec.draft import DRAFT_CONFIG_KEY, DRAFT_VOCAB_FILE
+from spruce.spec.distill_data import Sample, choose_draft_vocab, generate_corpus, load_prompts
+from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, DRAFT_VOCAB_FILE
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-
-
-def load_prompts(path: Optional[str] = None) -> list[dict]:
-    """The packaged distillation prompts (or a JSONL file of {"messages": [...]} rows)."""
-    text = Path(path).read_text() if path else \
-        resources.files("spruce.spec").joinpath("data/distill_prompts.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,91 +187,6 @@ def save_draft(model: LlamaForCausalLM, out_dir, tokenizer, target_name: str,
 
 
 # ---------------------------------------------------------------------------------------------
-# Distillation data
-
-
-@dataclass
-class Sample:
-    tokens: list[int]            # prompt + generated
-    prompt_len: int
-    top_ids: torch.Tensor        # [O, k] teacher's top token ids at each generated position
-    top_logprobs: torch.Tensor   # [O, k] their raw logprobs (-inf padding)
-
-
-def generate_corpus(llm, prompts: list[dict], max_tokens: int, temperature: float, top_k: int,
-                    seed: int, time_budget_s: Optional[float] = None,
-                    samples_per_prompt: int = 1) -> list[Sample]:
-    """The target answers the prompts (sampled; all submitted at once, so the engine batches
-    them continuously) and reports its top-k raw logprobs at every generated token. Requests
-    still running when the time budget is spent are aborted and left out."""
-    from tqdm import tqdm
-
-    from spruce.sampling_params import SamplingParams
-    eng, tok = llm.engine, llm.tokenizer
-    pending: dict[str, int] = {}
-    # Round-robin over the prompts: a spent time budget then leaves whole rounds out.
-    for r in range(samples_per_prompt):
-        for i, p in enumerate(prompts):
-            ids = tok.encode(tok.apply_chat_template(p["messages"], add_generation_prompt=True),
-                             add_special_tokens=False)
-            params = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens,
-                                    logprobs=top_k, seed=(seed * samples_per_prompt + r) * 100_003 + i,
-                                    detokenize=False)
-            pending[eng.add_request(ids, params)] = i
-    samples: list[Sample] = []
-    t0, n_tok = time.perf_counter(), 0
-    bar = tqdm(total=len(pending), desc="distill: generating", unit="answer", file=sys.stderr)
-    def collect(out) -> int:
-        c = out.outputs[0]
-        n = min(len(c.token_ids), len(c.logprobs or ()))
-        if n == 0:
-            return 0
-        k = max(len(d) for d in c.logprobs[:n])
-        top_ids = torch.zeros(n, k, dtype=torch.long)
-        top_lp = torch.full((n, k), -math.inf)
-        for j, d in enumerate(c.logprobs[:n]):
-            for m, (tid, lp) in enumerate(d.items()):
-                top_ids[j, m], top_lp[j, m] = tid, lp.logprob
-        samples.append(Sample(list(out.prompt_token_ids) + list(c.token_ids[:n]),
-                              len(out.prompt_token_ids), top_ids, top_lp))
-        return n
-
-    while pending:
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            # Out of time: what the running requests generated so far is still good data.
-            left = sum(1 for r in eng.scheduler.running if r.request_id in pending)
-            print(f"\ndistill: generation budget spent; keeping {left} partial answers, "
-                  f"{len(pending) - left} prompts unused", file=sys.stderr)
-            for out in eng.abort_request(list(pending)):
-                n_tok += collect(out)
-            break
-        for out in eng.step():
-            if out.finished and out.request_id in pending:
-                del pending[out.request_id]
-                bar.update(1)
-                n_tok += collect(out)
-                bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
-    bar.close()
-    return samples
-
-
-def choose_draft_vocab(samples: list[Sample], size: int, always: Sequence[int] = ()) -> list[int]:
-    """The `size` tokens with the most teacher probability mass over the corpus (plus the
-    generated tokens' counts, and `always`: the stop tokens), most frequent first."""
-    score: dict[int, float] = {}
-    for s in samples:
-        probs = s.top_logprobs.exp()
-        for tid, p in zip(s.top_ids.flatten().tolist(), probs.flatten().tolist()):
-            if p > 0:
-                score[tid] = score.get(tid, 0.0) + p
-        for tid in s.tokens[s.prompt_len:]:
-            score[tid] = score.get(tid, 0.0) + 1.0
-    forced = [t for t in dict.fromkeys(always)]
-    ranked = [t for t, _ in sorted(score.items(), key=lambda kv: -kv[1]) if t not in set(forced)]
-    return forced + ranked[:max(0, size - len(forced))]
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -419,8 +326,11 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
             max_epochs: float = 10.0, max_steps: Optional[int] = None, lr: float = 1e-3,
             batch_tokens: int = 4096, seed: int = 0, dtype: str = "auto",
             samples_per_prompt: int = 4, num_threads: Optional[int] = None,
-            kv_cache_memory: str = "1GiB", _loaded=None, log=print) -> Path:
-    """Generate, train, save (see the module doc). Returns the checkpoint directory."""
+            kv_cache_memory: str = "1GiB", kind: str = "draft_model", _loaded=None, log=print) -> Path:
+    """Generate, train, save (see the module doc). Returns the checkpoint directory.
+    kind="mlp_speculator" trains spec/mlp_speculator.py's head instead (spec/distill_mlp.py)."""
+    if kind not in ("draft_model", "mlp_speculator"):
+        raise ValueError(f"kind must be draft_model or mlp_speculator, got {kind!r}")
     from spruce.entrypoints.llm import LLM
     t_start = time.perf_counter()
     budget = time_budget_min * 60
@@ -449,6 +359,9 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
     vocab = None
     if draft_vocab and draft_vocab < llm.engine.vocab_size:
         vocab = choose_draft_vocab(train_set, draft_vocab, sorted(tok.stop_token_ids))
+    if kind == "mlp_speculator":
+        return _distill_speculator(llm, target, out, samples, vocab, n_tok, budget - (time.perf_counter() - t_start) - 15,
+                                   max_steps, seed, t_start, log)
     model = make_draft(llm.engine.model, layers, init_layers, seed)
     vocab_t = torch.tensor(vocab) if vocab is not None else None
     vocab_index = None
@@ -472,9 +385,25 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
     return path
 
 
+def _distill_speculator(llm, target: str, out: str, samples, vocab, n_tok: int, budget_s: float,
+                        max_steps: Optional[int], seed: int, t_start: float, log) -> Path:
+    from spruce.spec.distill_mlp import train_speculator
+    from spruce.spec.mlp_speculator import save_speculator
+    head, stats = train_speculator(llm.engine.model, samples, vocab, max(budget_s, 1.0), max_steps=max_steps,
+                                   seed=seed, log=log)
+    info = {"samples": len(samples), "generated_tokens": n_tok, "draft_vocab": len(vocab) if vocab else None,
+            "total_seconds": round(time.perf_counter() - t_start, 1), **stats}
+    path = save_speculator(head, out, llm.tokenizer, target, llm.engine.vocab_size, vocab, info)
+    log(f"distill: wrote {path} in {time.perf_counter() - t_start:.0f}s; use it with "
+        f"--speculative-config '{{\"method\":\"mlp_speculator\",\"model\":\"{path}\"}}'")
+    return path
+
+
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="smollm2-135m", help="the target model (alias, dir or .gguf)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--kind", default="draft_model", choices=["draft_model", "mlp_speculator"],
+                   help="a small draft model, or an MLP speculator on the target's hidden states")
     p.add_argument("--layers", type=int, default=2, help="draft layers")
     p.add_argument("--init-layers", default=None,
                    help="comma list of target layers to initialise from (default: first,last); "
@@ -508,7 +437,7 @@ def run(args) -> int:
             temperature=args.temperature, time_budget_min=args.time_budget, gen_budget_min=args.gen_budget,
             max_epochs=args.epochs, max_steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
             seed=args.seed, dtype=args.dtype, samples_per_prompt=args.samples_per_prompt,
-            num_threads=args.num_threads, log=lambda m: print(m, file=sys.stderr))
+            num_threads=args.num_threads, kind=args.kind, log=lambda m: print(m, file=sys.stderr))
     return 0
 
 

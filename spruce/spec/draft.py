@@ -26,7 +26,6 @@ only a reduced vocabulary (FR-Spec) has q = 0 outside it, which is still exact.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +39,10 @@ from spruce.engine.sampler import _SAMPLING_EPS
 from spruce.kv.manager import KVCacheManager, cdiv
 from spruce.models.llama import allocate_kv_cache
 from spruce.request import Request
+from spruce.spec.draft_checkpoint import check_draft_vocab, load_draft_vocab
 from spruce.spec.proposers import Proposer
 from spruce.spec.tree import TokenTree, build_by_beam, build_by_expansion_batch
 
-# The draft's spruce-specific config.json section (written by spruce.spec.distill).
-DRAFT_CONFIG_KEY = "spruce_draft"
-DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 @dataclass
@@ -243,31 +240,11 @@ class PagedDraftProposer(Proposer):
 
     # ----- tree building -----------------------------------------------------------------------
     def _build(self, seqs: list[_Seq], root_logits: torch.Tensor) -> list[TokenTree]:
-        """Greedy requests: top-k picks; sampled ones: draws from q at their temperature."""
-        temps = [_temperature(s.request) for s in seqs]
-        trees: list[Optional[TokenTree]] = [None] * len(seqs)
-        greedy = [i for i, t in enumerate(temps) if t is None]
-        sampled = [i for i, t in enumerate(temps) if t is not None]
-        for group, sample in ((greedy, False), (sampled, True)):
-            if not group:
-                continue
-            gseqs = [seqs[i] for i in group]
-            gtemps = [temps[i] or 1.0 for i in group]
-            fn = self._step_fn(gseqs, root_logits[group], gtemps)
-            roots = [[-(j + 1), s.request.all_token_ids[-1]] for j, s in enumerate(gseqs)]
-            if self.beam_width:
-                built = [build_by_beam(fn, roots[j], self.beam_width, self.depth,
-                                       self.max_tree_nodes, proposer=self.proposer_id)
-                         for j in range(len(gseqs))]
-            else:
-                gens = [s.generator for s in gseqs]
-                built = build_by_expansion_batch(
-                    fn, roots, self.expansion, sample=sample,
-                    generators=gens if any(g is not None for g in gens) else None,
-                    proposer=self.proposer_id)
-            for i, t in zip(group, built):
-                trees[i] = t
-        return trees
+        def make_step_fn(group: list[int], temps: list[float]):
+            return self._step_fn([seqs[i] for i in group], root_logits[group], temps)
+        return build_draft_trees([s.request for s in seqs], make_step_fn, self.expansion, self.beam_width,
+                                 self.depth, self.max_tree_nodes, self.proposer_id,
+                                 [s.generator for s in seqs])
 
     def _step_fn(self, seqs: list[_Seq], root_logits: torch.Tensor, temps: list[float]):
         """The DraftStepFn for one group. Contexts are [-(j+1), root, path...]: the marker names
@@ -322,6 +299,37 @@ class PagedDraftProposer(Proposer):
 
 
 # ----- tree helpers ---------------------------------------------------------------------------
+
+def build_draft_trees(requests: Sequence[Request], make_step_fn, expansion: list[int], beam_width: Optional[int],
+                      depth: int, max_tree_nodes: Optional[int], proposer_id: int,
+                      generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> list[TokenTree]:
+    """One tree per request from a model drafter. Greedy requests get top-k picks, sampled ones
+    draws from q at their temperature. `make_step_fn(group, temps)` gives the DraftStepFn for
+    the requests at indices `group`; its contexts are [-(j+1), root, path...] (j: index in the
+    group). `generators`: per request, for seeded sampled requests' draws."""
+    temps = [_temperature(r) for r in requests]
+    if generators is None:
+        generators = [_draft_generator(r) for r in requests]
+    trees: list[Optional[TokenTree]] = [None] * len(requests)
+    greedy = [i for i, t in enumerate(temps) if t is None]
+    sampled = [i for i, t in enumerate(temps) if t is not None]
+    for group, sample in ((greedy, False), (sampled, True)):
+        if not group:
+            continue
+        fn = make_step_fn(group, [temps[i] or 1.0 for i in group])
+        roots = [[-(j + 1), requests[i].all_token_ids[-1]] for j, i in enumerate(group)]
+        if beam_width:
+            built = [build_by_beam(fn, roots[j], beam_width, depth, max_tree_nodes, proposer=proposer_id)
+                     for j in range(len(group))]
+        else:
+            gens = [generators[i] for i in group]
+            built = build_by_expansion_batch(fn, roots, expansion, sample=sample,
+                                             generators=gens if any(g is not None for g in gens) else None,
+                                             proposer=proposer_id)
+        for i, t in zip(group, built):
+            trees[i] = t
+    return trees
+
 
 def _cumsum(xs: list[int]) -> list[int]:
     out = [0]
@@ -470,45 +478,6 @@ def default_early_exit_layers(num_layers: int) -> int:
 
 
 # ----- checkpoints ----------------------------------------------------------------------------
-
-def load_draft_vocab(path: Path) -> Optional[list[int]]:
-    """The reduced head's token ids (spruce distill --draft-vocab), or None for a full head."""
-    f = path / DRAFT_VOCAB_FILE
-    if not f.is_file():
-        return None
-    ids = json.loads(f.read_text())["token_ids"]
-    if not ids or len(set(ids)) != len(ids):
-        raise ValueError(f"{f}: token_ids must be a non-empty list of distinct ids")
-    return [int(i) for i in ids]
-
-
-def _draft_tokenizer(resolved):
-    from spruce.models.resolve import resolve_model
-    from spruce.tokenizer import Tokenizer
-    if resolved.kind == "hf_dir":
-        path = Path(resolved.path)
-        if not (path / "tokenizer.json").is_file():
-            cfg = json.loads((path / "config.json").read_text()).get(DRAFT_CONFIG_KEY) or {}
-            if cfg.get("target"):
-                return Tokenizer.from_resolved(resolve_model(cfg["target"]))
-            raise ValueError(f"draft model {path} has no tokenizer.json and no "
-                             f"'{DRAFT_CONFIG_KEY}.target' in its config.json to take one from")
-    return Tokenizer.from_resolved(resolved)
-
-
-def check_draft_vocab(resolved, draft_config, target) -> None:
-    """The draft must speak the target's token ids: same embedding rows, same vocabulary."""
-    if draft_config.vocab_size != target.vocab_size:
-        raise ValueError(f"draft model {resolved.name!r} has vocab_size {draft_config.vocab_size}, "
-                         f"the target has {target.vocab_size}: they must share a tokenizer")
-    tok = _draft_tokenizer(resolved)
-    a = tok.backend.get_vocab(with_added_tokens=True)
-    b = target.tokenizer.backend.get_vocab(with_added_tokens=True)
-    if a != b:
-        diff = sum(1 for k, v in a.items() if b.get(k) != v) + abs(len(a) - len(b))
-        raise ValueError(f"draft model {resolved.name!r} has a different tokenizer than the target "
-                         f"(~{diff} vocabulary entries differ)")
-
 
 def make_model_proposer(config: SpeculativeConfig, target, proposer_id: int = 0) -> Proposer:
     if target is None:

@@ -17,6 +17,9 @@ class Proposer(ABC):
     # drafts whenever there is something to draft and lets the per-node cut (spec/budget.py)
     # price the rows; the measured gate (spec/gate.py) is for proposers that run a model.
     cheap: bool = False
+    # Drafts from the target's final hidden state: the runner then returns, per request, the
+    # hidden row that produced its last token (ModelRunnerOutput.hidden -> observe_hidden).
+    needs_hidden: bool = False
 
     @abstractmethod
     def propose(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
@@ -24,6 +27,9 @@ class Proposer(ABC):
 
     def on_finished(self, request_ids: Sequence[str]) -> None:
         """Drop per-request state (draft KV, caches) of finished or preempted requests."""
+
+    def observe_hidden(self, requests: Sequence[Request], hidden: dict) -> None:
+        """After a step: `hidden[request_id]` produced that request's last token (needs_hidden)."""
 
     def backlog(self, request: Request) -> int:
         """Generated tokens this proposer must still run before it can draft for `request` (a
@@ -87,6 +93,7 @@ class MergedProposer(Proposer):
     def __init__(self, proposers: list[Proposer]):
         self.proposers = proposers
         self.cheap = all(p.cheap for p in proposers)
+        self.needs_hidden = any(p.needs_hidden for p in proposers)
 
     def propose(self, requests):
         return self._merge([p.propose(requests) for p in self.proposers])
@@ -96,6 +103,10 @@ class MergedProposer(Proposer):
 
     def backlog(self, request):
         return max(p.backlog(request) for p in self.proposers)
+
+    def observe_hidden(self, requests, hidden):
+        for p in self.proposers:
+            p.observe_hidden(requests, hidden)
 
     @staticmethod
     def _merge(per: list[list]) -> list:
@@ -121,6 +132,11 @@ def make_proposer(config: SpeculativeConfig, target=None, proposer_id: int = 0) 
                                                "tree": config.tree, **sub})
             subs.append(make_proposer(sub_cfg, target, proposer_id=i))
         return MergedProposer(subs)
+    if config.method == "mlp_speculator":
+        from spruce.spec.mlp_speculator import MLPSpeculatorProposer
+        if target is None:
+            raise ValueError("speculative method mlp_speculator needs the target engine")
+        return MLPSpeculatorProposer(config, target, proposer_id)
     if config.method in ("draft_model", "early_exit"):
         from spruce.spec.draft import make_model_proposer
         return make_model_proposer(config, target, proposer_id)

@@ -1,0 +1,53 @@
+"""What a draft checkpoint directory holds beyond weights, and the checks it must pass.
+
+`spruce distill` writes both kinds of draft (a small causal LM, or an MLP speculator) with a
+`spruce_draft` section in config.json (what it was trained for) and, for a reduced head,
+draft_vocab.json (the token ids its head covers: FR-Spec).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+DRAFT_CONFIG_KEY = "spruce_draft"
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def load_draft_vocab(path: Path) -> Optional[list[int]]:
+    """The reduced head's token ids (spruce distill --draft-vocab), or None for a full head."""
+    f = path / DRAFT_VOCAB_FILE
+    if not f.is_file():
+        return None
+    ids = json.loads(f.read_text())["token_ids"]
+    if not ids or len(set(ids)) != len(ids):
+        raise ValueError(f"{f}: token_ids must be a non-empty list of distinct ids")
+    return [int(i) for i in ids]
+
+
+def _draft_tokenizer(resolved):
+    from spruce.models.resolve import resolve_model
+    from spruce.tokenizer import Tokenizer
+    if resolved.kind == "hf_dir":
+        path = Path(resolved.path)
+        if not (path / "tokenizer.json").is_file():
+            cfg = json.loads((path / "config.json").read_text()).get(DRAFT_CONFIG_KEY) or {}
+            if cfg.get("target"):
+                return Tokenizer.from_resolved(resolve_model(cfg["target"]))
+            raise ValueError(f"draft model {path} has no tokenizer.json and no "
+                             f"'{DRAFT_CONFIG_KEY}.target' in its config.json to take one from")
+    return Tokenizer.from_resolved(resolved)
+
+
+def check_draft_vocab(resolved, draft_config, target) -> None:
+    """The draft must speak the target's token ids: same embedding rows, same vocabulary."""
+    if draft_config.vocab_size != target.vocab_size:
+        raise ValueError(f"draft model {resolved.name!r} has vocab_size {draft_config.vocab_size}, "
+                         f"the target has {target.vocab_size}: they must share a tokenizer")
+    tok = _draft_tokenizer(resolved)
+    a = tok.backend.get_vocab(with_added_tokens=True)
+    b = target.tokenizer.backend.get_vocab(with_added_tokens=True)
+    if a != b:
+        diff = sum(1 for k, v in a.items() if b.get(k) != v) + abs(len(a) - len(b))
+        raise ValueError(f"draft model {resolved.name!r} has a different tokenizer than the target "
+                         f"(~{diff} vocabulary entries differ)")
