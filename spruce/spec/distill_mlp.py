@@ -61,13 +61,15 @@ def target_features(model, samples: Sequence[Sample], batch_tokens: int = 8192) 
 
 class _Data:
     """Flat tokens and features (of every sample), and the positions p of `samples` (at
-    `offsets` in them) that have `unroll` tokens after them."""
+    `offsets` in them) whose next token was generated and that have `unroll` tokens after them.
+    Prompt positions are left out: every prompt starts with the same chat-template system text,
+    which the head memorises (held-out top-1 0.60 with them against 0.39 on W4's greedy text)."""
 
     def __init__(self, tokens: torch.Tensor, feats: torch.Tensor, samples: Sequence[Sample],
                  offsets: Sequence[int], unroll: int):
         self.tokens, self.feats = tokens, feats
-        starts = [torch.arange(o, o + len(s.tokens) - unroll) for s, o in zip(samples, offsets)
-                  if len(s.tokens) > unroll]
+        starts = [torch.arange(o + s.prompt_len - 1, o + len(s.tokens) - unroll) for s, o in zip(samples, offsets)
+                  if len(s.tokens) - unroll > s.prompt_len - 1]
         self.starts = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)
 
 

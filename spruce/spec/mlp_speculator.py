@@ -61,11 +61,12 @@ class SpeculatorHead(nn.Module):
             self.out_norm.copy_(out_norm.float())
         return self
 
-    def forward(self, state: torch.Tensor, token_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, token_emb: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """`linear`: F.linear (training), or the target's (models/linear.py: AMX / packed GEMMs)."""
         x = torch.cat((self._norm(state, self.state_norm), self._norm(token_emb, self.token_norm)), -1)
-        x = F.linear(x, self.fc_in)
-        gate, up = F.linear(self._norm(x, self.ffn_norm), self.gate_up).chunk(2, -1)
-        x = x + F.linear(F.silu(gate) * up, self.down)
+        x = linear(x, self.fc_in)
+        gate, up = linear(self._norm(x, self.ffn_norm), self.gate_up).chunk(2, -1)
+        x = x + linear((F.silu(gate) * up).contiguous(), self.down)
         return self._norm(x, self.out_norm)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,7 @@ class MLPSpeculatorProposer(Proposer):
         self.depth = len(self.expansion)
         self.head, vocab = load_speculator(config.model, target)
         model = target.model
+        self.linear = model.linear
         self.embed = model.embed_tokens
         w = model.embed_tokens if model.lm_head is None else model.lm_head
         self.head_ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=self.device)
@@ -191,7 +193,7 @@ class MLPSpeculatorProposer(Proposer):
                 parents = torch.stack([roots_h[group[j]] if len(c) == 2 else states[(j, tuple(c[2:-1]))]
                                        for j, c in zip(js, contexts)])
                 tokens = torch.tensor([c[-1] for c in contexts], dtype=torch.long, device=self.device)
-                new = self.head(parents, F.embedding(tokens, self.embed))
+                new = self.head(parents, F.embedding(tokens, self.embed), self.linear)
                 for k, (j, c) in enumerate(zip(js, contexts)):
                     states[(j, tuple(c[2:]))] = new[k]
                 return (self._logits(new) / temp_t[js]).softmax(-1)
@@ -204,7 +206,7 @@ class MLPSpeculatorProposer(Proposer):
         return out
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
-        small = F.linear(states, self.head_weight).float()
+        small = self.linear(states, self.head_weight).float()
         if self.head_ids is None:
             return small
         full = torch.full((states.shape[0], self.vocab_size), -torch.inf, device=states.device)

@@ -113,3 +113,14 @@ def test_distill_mlp_speculator_tiny_budget_writes_a_loadable_checkpoint(smollm,
     llm = make_llm(speculative_config={"method": "mlp_speculator", "model": str(path)})
     out = llm.generate(PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     assert out[0].outputs[0].token_ids == reference[1]
+
+
+def test_training_positions_are_the_generated_ones():
+    from spruce.spec.distill_data import Sample
+    from spruce.spec.distill_mlp import _Data
+    samples = [Sample(list(range(10)), 4, torch.zeros(6, 1, dtype=torch.long), torch.zeros(6, 1)),
+               Sample(list(range(5)), 3, torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))]
+    tokens = torch.arange(15)
+    data = _Data(tokens, torch.zeros(15, 4), samples, [0, 10], unroll=2)
+    # p from the last prompt token (its next token is generated) to len - 1 - unroll.
+    assert data.starts.tolist() == [3, 4, 5, 6, 7] + [12]
