@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from spruce.models.elementwise import rms_norm
 from spruce.models.llama import LlamaConfig, LlamaForCausalLM
 from spruce.spec.distill_data import Sample, choose_draft_vocab, generate_corpus, load_prompts
-from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, DRAFT_VOCAB_FILE
+from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, save_draft_vocab
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -171,11 +171,7 @@ def save_draft(model: LlamaForCausalLM, out_dir, tokenizer, target_name: str,
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total},
          "weight_map": {k: "model.safetensors" for k in weights}}, indent=1))
-    vocab_file = out / DRAFT_VOCAB_FILE
-    if draft_vocab is not None:
-        vocab_file.write_text(json.dumps({"token_ids": [int(t) for t in draft_vocab]}))
-    elif vocab_file.exists():
-        vocab_file.unlink()
+    save_draft_vocab(out, draft_vocab)
     tokenizer.backend.save(str(out / "tokenizer.json"))
     tc = dict(tokenizer.special_tokens_map)
     if tokenizer.chat_template:

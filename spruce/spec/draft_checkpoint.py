@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 DRAFT_CONFIG_KEY = "spruce_draft"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def save_draft_vocab(out: Path, draft_vocab: Optional[Sequence[int]]) -> None:
+    """Write the reduced head's token ids, or remove a stale file for a full head."""
+    vocab_file = out / DRAFT_VOCAB_FILE
+    if draft_vocab is not None:
+        vocab_file.write_text(json.dumps({"token_ids": [int(t) for t in draft_vocab]}))
+    elif vocab_file.exists():
+        vocab_file.unlink()
 
 
 def load_draft_vocab(path: Path) -> Optional[list[int]]:

@@ -80,7 +80,7 @@ def save_speculator(head: SpeculatorHead, out_dir, tokenizer, target_name: str, 
                     draft_vocab: Optional[Sequence[int]], info: Optional[dict] = None) -> Path:
     from safetensors.torch import save_file
 
-    from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, DRAFT_VOCAB_FILE
+    from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, save_draft_vocab
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"architectures": ["SpruceMLPSpeculator"], "hidden_size": head.hidden_size,
@@ -89,11 +89,7 @@ def save_speculator(head: SpeculatorHead, out_dir, tokenizer, target_name: str, 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file({k: v.detach().float().contiguous() for k, v in head.state_dict().items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
-    vocab_file = out / DRAFT_VOCAB_FILE
-    if draft_vocab is not None:
-        vocab_file.write_text(json.dumps({"token_ids": [int(t) for t in draft_vocab]}))
-    elif vocab_file.exists():
-        vocab_file.unlink()
+    save_draft_vocab(out, draft_vocab)
     tokenizer.backend.save(str(out / "tokenizer.json"))
     return out
 
