@@ -21,8 +21,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[tuple[list[int], list[float]]]] = field(default_factory=dict)
     # Speculative requests: request id -> (draft tokens proposed, accepted per depth as 0/1 list).
     spec_stats: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
-    # request id -> the logits row that gave its last token this step; with return_hidden, the
-    # final-normed hidden state of that row (what an MLP speculator drafts from).
+    # request id -> the logits row that gave its last token this step (always for tree requests,
+    # for plain ones only with return_hidden), and with return_hidden the final-normed hidden
+    # state of that row (what an MLP speculator drafts from).
     final_rows: dict[str, int] = field(default_factory=dict)
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -123,8 +124,9 @@ class ModelRunner:
         if batch.sampling_rows:
             first = len(logits) - len(batch.sampling_rows)
             self._sample(batch.sampling_rows, logits[first:], result)
-            for row, req in enumerate(batch.sampling_rows):
-                result.final_rows[req.request_id] = first + row
+            if self.return_hidden:
+                for row, req in enumerate(batch.sampling_rows):
+                    result.final_rows[req.request_id] = first + row
         if self.return_hidden and result.final_rows:
             rids = list(result.final_rows)
             rows = torch.tensor([result.final_rows[r] for r in rids], dtype=torch.long, device=selected.device)

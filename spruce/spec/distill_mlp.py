@@ -30,31 +30,24 @@ def target_features(model, samples: Sequence[Sample], batch_tokens: int = 8192) 
     """-> (hidden [sum of sample lengths, H] bf16, each sample's offset into it)."""
     from tqdm import tqdm
 
-    from spruce.spec.distill import dense_forward
+    from spruce.spec.distill import _batches, dense_forward
     offsets, total = [], 0
     for s in samples:
         offsets.append(total)
         total += len(s.tokens)
+    offset_of = {id(s): o for s, o in zip(samples, offsets)}
     feats = torch.empty(total, model.config.hidden_size, dtype=torch.bfloat16)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
     bar = tqdm(total=total, desc="distill: target features", unit="tok", file=sys.stderr)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        i = 0
-        while i < len(order):
-            t = len(samples[order[i]].tokens)
-            group = [order[i]]
-            while i + len(group) < len(order) and (len(group) + 1) * len(samples[order[i + len(group)]].tokens) <= batch_tokens:
-                group.append(order[i + len(group)])
-            t = max(len(samples[g].tokens) for g in group)
-            ids = torch.zeros(len(group), t, dtype=torch.long)
-            for b, g in enumerate(group):
-                ids[b, :len(samples[g].tokens)] = torch.tensor(samples[g].tokens)
+        for batch in _batches(list(samples), batch_tokens, random.Random(0)):
+            ids = torch.zeros(len(batch), max(len(s.tokens) for s in batch), dtype=torch.long)
+            for b, s in enumerate(batch):
+                ids[b, :len(s.tokens)] = torch.tensor(s.tokens)
             hidden = dense_forward(model, ids)
-            for b, g in enumerate(group):
-                n = len(samples[g].tokens)
-                feats[offsets[g]:offsets[g] + n] = hidden[b, :n].to(torch.bfloat16)
+            for b, s in enumerate(batch):
+                n, o = len(s.tokens), offset_of[id(s)]
+                feats[o:o + n] = hidden[b, :n].to(torch.bfloat16)
                 bar.update(n)
-            i += len(group)
     bar.close()
     return feats, offsets
 

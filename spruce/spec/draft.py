@@ -233,10 +233,7 @@ class PagedDraftProposer(Proposer):
         """[rows, V] float32 draft logits; -inf outside a reduced head's vocabulary."""
         if self.head_ids is None:
             return self.model.compute_logits(hidden)
-        small = self.model.linear(hidden, self.head_weight).float()
-        full = torch.full((hidden.shape[0], self.vocab_size), -math.inf, device=hidden.device)
-        full[:, self.head_ids] = small
-        return full
+        return reduced_head_logits(self.model.linear, hidden, self.head_weight, self.head_ids, self.vocab_size)
 
     # ----- tree building -----------------------------------------------------------------------
     def _build(self, seqs: list[_Seq], root_logits: torch.Tensor) -> list[TokenTree]:
@@ -296,6 +293,15 @@ class PagedDraftProposer(Proposer):
         sel = torch.tensor([rows[(j, p)] for j, p in zip(js, paths)], dtype=torch.long,
                            device=self.device)
         return self._logits(hidden.index_select(0, sel))
+
+
+def reduced_head_logits(linear, hidden: torch.Tensor, head_weight: torch.Tensor, head_ids: torch.Tensor,
+                        vocab_size: int) -> torch.Tensor:
+    """A reduced head's logits (rows of `head_ids`) as [rows, vocab_size] float32, -inf elsewhere:
+    q = 0 outside the head's vocabulary, which keeps verification exact."""
+    full = torch.full((hidden.shape[0], vocab_size), -math.inf, device=hidden.device)
+    full[:, head_ids] = linear(hidden, head_weight).float()
+    return full
 
 
 # ----- tree helpers ---------------------------------------------------------------------------

@@ -53,10 +53,14 @@ def check_draft_vocab(resolved, draft_config, target) -> None:
     if draft_config.vocab_size != target.vocab_size:
         raise ValueError(f"draft model {resolved.name!r} has vocab_size {draft_config.vocab_size}, "
                          f"the target has {target.vocab_size}: they must share a tokenizer")
-    tok = _draft_tokenizer(resolved)
-    a = tok.backend.get_vocab(with_added_tokens=True)
+    check_same_vocab(f"draft model {resolved.name!r}",
+                     _draft_tokenizer(resolved).backend.get_vocab(with_added_tokens=True), target)
+
+
+def check_same_vocab(what: str, vocab: dict[str, int], target) -> None:
+    """`vocab` (token -> id) must be the target's exactly."""
     b = target.tokenizer.backend.get_vocab(with_added_tokens=True)
-    if a != b:
-        diff = sum(1 for k, v in a.items() if b.get(k) != v) + abs(len(a) - len(b))
-        raise ValueError(f"draft model {resolved.name!r} has a different tokenizer than the target "
+    if vocab != b:
+        diff = sum(1 for k, v in vocab.items() if b.get(k) != v) + abs(len(vocab) - len(b))
+        raise ValueError(f"{what} has a different tokenizer than the target "
                          f"(~{diff} vocabulary entries differ)")

@@ -28,6 +28,7 @@ from torch import nn
 
 from spruce.config import SpeculativeConfig
 from spruce.request import Request
+from spruce.spec.draft import _draft_generator, build_draft_trees, reduced_head_logits
 from spruce.spec.proposers import Proposer
 
 SPECULATOR_KIND = "mlp_speculator"
@@ -106,7 +107,7 @@ def load_speculator(path, target) -> tuple[SpeculatorHead, Optional[list[int]]]:
     """The head (in the target's dtype) and its reduced vocabulary; checks it fits `target`."""
     from safetensors.torch import load_file
 
-    from spruce.spec.draft_checkpoint import load_draft_vocab
+    from spruce.spec.draft_checkpoint import check_same_vocab, load_draft_vocab
     d = Path(path)
     if not is_speculator_dir(d):
         raise ValueError(f"{d} is not an MLP speculator checkpoint (spruce distill --kind {SPECULATOR_KIND})")
@@ -116,9 +117,8 @@ def load_speculator(path, target) -> tuple[SpeculatorHead, Optional[list[int]]]:
         raise ValueError(f"speculator {d} was trained for hidden_size {cfg['hidden_size']} / vocab_size "
                          f"{cfg['vocab_size']}; the target has {mc.hidden_size} / {target.vocab_size}")
     from tokenizers import Tokenizer
-    theirs = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True)
-    if theirs != target.tokenizer.backend.get_vocab(with_added_tokens=True):
-        raise ValueError(f"speculator {d} was trained with a different tokenizer than the target's")
+    check_same_vocab(f"speculator {str(d)!r}",
+                     Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True), target)
     head = SpeculatorHead(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("rms_norm_eps", 1e-5))
     head.load_state_dict(load_file(str(d / "model.safetensors")))
     head.requires_grad_(False)
@@ -162,7 +162,6 @@ class MLPSpeculatorProposer(Proposer):
             self.generators.pop(rid, None)
 
     def _generator(self, req: Request) -> Optional[torch.Generator]:
-        from spruce.spec.draft import _draft_generator
         got = self.generators.get(req.request_id)
         if got is None or got[0] is not req:
             got = self.generators[req.request_id] = (req, _draft_generator(req))
@@ -170,7 +169,6 @@ class MLPSpeculatorProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[Request]) -> list:
-        from spruce.spec.draft import build_draft_trees
         out: list = [None] * len(requests)
         # Only a hidden state from the step that produced the root is the right one.
         ready = [i for i, r in enumerate(requests)
@@ -202,9 +200,6 @@ class MLPSpeculatorProposer(Proposer):
         return out
 
     def _logits(self, states: torch.Tensor) -> torch.Tensor:
-        small = self.linear(states, self.head_weight).float()
         if self.head_ids is None:
-            return small
-        full = torch.full((states.shape[0], self.vocab_size), -torch.inf, device=states.device)
-        full[:, self.head_ids] = small
-        return full
+            return self.linear(states, self.head_weight).float()
+        return reduced_head_logits(self.linear, states, self.head_weight, self.head_ids, self.vocab_size)
