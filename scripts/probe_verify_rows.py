@@ -1,6 +1,6 @@
 """Orientation probe (not a benchmark): what a verified row costs at batch 1.
 
-    .venv/bin/python scripts/probe_verify_rows.py [dtype] [context] [rounds]
+    .venv/bin/python scripts/probe_verify_rows.py [dtype] [context] [rounds] [sizes, e.g. 1,2,5,9]
 
 Times one target forward of k query tokens (k = 1, 2, 5, 9, 13, 21) after `context` cached tokens,
 as a speculative verify step of a chain of k-1 would run, plus the logits of every row. Sizes are
@@ -22,7 +22,7 @@ rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 30
 llm = LLM("smollm2-135m", dtype=dtype)
 runner = llm.engine.runner
 model, bs = runner.model, runner.block_size
-sizes = [1, 2, 5, 9, 13, 21]
+sizes = [int(s) for s in (sys.argv[4] if len(sys.argv) > 4 else "1,2,5,9,13,21").split(",")]
 num_blocks = (context + max(sizes)) // bs + 1
 table = torch.arange(1, num_blocks + 1, dtype=torch.long).unsqueeze(0)
 

@@ -245,7 +245,7 @@ class EngineCore:
             max_backlog = self.spec_config.max_draft_backlog
             full = [r.sampling_params.is_seeded_sampling or (gate_open and self.proposer.backlog(r) <= max_backlog)
                     for r in reqs]
-        trees = self._trees(reqs, full)
+        trees = self._trees(reqs, full, len(running))
         # What the gate times: steps where the model drafter ran for every request against steps
         # where it ran for none (a merged tree's cheap lookups may still draft in those).
         chose = True if all(full) else False if not any(full) else None
@@ -260,10 +260,13 @@ class EngineCore:
                 req.spec_tree = tree
         return chose
 
-    def _trees(self, reqs: list, full: list[bool]) -> list:
-        """The full proposer's trees for requests marked `full`, its cheap part's for the rest."""
+    def _trees(self, reqs: list, full: list[bool], num_running: int) -> list:
+        """The full proposer's trees for requests marked `full`, its cheap part's for the rest.
+        With the per-node cut on, a drafter stops below nodes the cut would drop anyway."""
+        min_prob = self.step_cost.row_value(num_running) if self.spec_record is not None else 0.0
         trees: list = [None] * len(reqs)
-        for want_full, propose in ((True, self.proposer.propose), (False, self.proposer.propose_cheap)):
+        for want_full, propose in ((True, lambda rs: self.proposer.propose(rs, min_prob)),
+                                   (False, self.proposer.propose_cheap)):
             idx = [i for i, f in enumerate(full) if f == want_full]
             if idx:
                 for i, t in zip(idx, propose([reqs[i] for i in idx])):

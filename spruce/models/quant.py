@@ -67,6 +67,53 @@ def enabled() -> bool:
     return v in ("1", "true", "on")
 
 
+def quantize_q8_0(w: torch.Tensor) -> Optional[QuantWeight]:
+    """Blocks of 32 along k with a per-block scale max|x| / 127 (llama.cpp's Q8_0); None where k is not a multiple of 32. For small weights made here (a draft
+    head) that decode reads many times a step: a quarter of the fp32 bytes."""
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        return None
+    n, k = w.shape
+    b = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    d = b.abs().amax(-1) / 127       # as llama.cpp: values scaled by the fp32 d, d stored as fp16
+    qs = torch.where(d[..., None] > 0, b / d[..., None].clamp_min(1e-30), 0).round().clamp(-127, 127)
+    return QuantWeight(Q8_0, qs.to(torch.int8).reshape(n, k).contiguous(), d.half().float().contiguous(), None)
+
+
+def read_as_q8_0(linear, weights) -> int:
+    """Have `linear` read each weight as Q8_0 blocks at decode sizes (a weight that already has a
+    block copy keeps it). A weight that gets one takes its dequantized values, so every batch
+    size computes the same function. Returns how many did; 0 where the op reads no blocks or
+    SPRUCE_QUANT_WEIGHTS=0."""
+    register = getattr(linear, "register_quantized", None)
+    if register is None or not enabled():
+        return 0
+    done = 0
+    for w in weights:
+        if w is None or linear.quantized(w) is not None:
+            continue
+        q = quantize_q8_0(w)
+        if q is None:
+            continue
+        if register(w, q):      # (False: the op reads this weight faster otherwise, e.g. AMX)
+            with torch.no_grad():
+                w.copy_(q.dequantize().to(w.dtype))
+            register(w, q)      # again: the copy bumped w's version
+            done += 1
+    return done
+
+
+def select_rows(linear, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """w's `rows` as a new weight (a reduced-vocabulary head), read as the same rows of w's block
+    copy where w has one (outputs bit-identical to those rows of the full head), else as Q8_0."""
+    sub = w.index_select(0, rows).contiguous()
+    q = getattr(linear, "quantized", lambda _: None)(w)
+    if q is not None and enabled():
+        linear.register_quantized(sub, q.map_rows(lambda t: t.index_select(0, rows)))
+    else:
+        read_as_q8_0(linear, [sub])
+    return sub
+
+
 def from_gguf_blocks(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> Optional[QuantWeight]:
     """Repack a GGUF tensor's raw bytes; None for types or shapes the op does not take."""
     if len(shape) != 2 or ggml_type not in (_GGML_Q4_1, _GGML_Q8_0) or shape[1] % BLOCK:

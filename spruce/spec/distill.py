@@ -332,6 +332,9 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
         # the text in the same budget (it overfit 4 answers a prompt: top-1 0.83 on its training
         # positions against 0.39 on W4's).
         samples_per_prompt = 8 if kind == "mlp_speculator" else 4
+    # The speculator's first answer to each prompt is the greedy one. It drafts from the target's
+    # hidden states along the text being generated, and greedy text (W4's) runs into states that
+    # sampled text visits less: repetitions, the target's favourite phrasings.
     from spruce.entrypoints.llm import LLM
     t_start = time.perf_counter()
     budget = time_budget_min * 60
@@ -347,7 +350,8 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
     llm = LLM(target, _loaded=_loaded, dtype=dtype, kv_cache_memory=kv_cache_memory,
               max_logprobs=max(20, top_logprobs), seed=seed, max_num_seqs=64)
     samples = generate_corpus(llm, prompts, max_tokens, temperature, top_logprobs, seed,
-                              time_budget_s=gen_budget, samples_per_prompt=samples_per_prompt)
+                              time_budget_s=gen_budget, samples_per_prompt=samples_per_prompt,
+                              greedy_first=kind == "mlp_speculator")
     if not samples:
         raise RuntimeError("the target generated nothing to distill from")
     n_tok = sum(s.top_ids.shape[0] for s in samples)

@@ -34,10 +34,11 @@ class Sample:
 
 def generate_corpus(llm, prompts: list[dict], max_tokens: int, temperature: float, top_k: int,
                     seed: int, time_budget_s: Optional[float] = None,
-                    samples_per_prompt: int = 1) -> list[Sample]:
+                    samples_per_prompt: int = 1, greedy_first: bool = False) -> list[Sample]:
     """The target answers the prompts (sampled; all submitted at once, so the engine batches
     them continuously) and reports its top-k raw logprobs at every generated token. Requests
-    still running when the time budget is spent are aborted and left out."""
+    still running when the time budget is spent are aborted and left out. `greedy_first`: the
+    first answer to each prompt is the greedy one (the text a greedy workload drafts on)."""
     from tqdm import tqdm
 
     from spruce.sampling_params import SamplingParams
@@ -48,7 +49,9 @@ def generate_corpus(llm, prompts: list[dict], max_tokens: int, temperature: floa
         for i, p in enumerate(prompts):
             ids = tok.encode(tok.apply_chat_template(p["messages"], add_generation_prompt=True),
                              add_special_tokens=False)
-            params = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens,
+            greedy = greedy_first and r == 0
+            params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else 0.95,
+                                    max_tokens=max_tokens,
                                     logprobs=top_k, seed=(seed * samples_per_prompt + r) * 100_003 + i,
                                     detokenize=False)
             pending[eng.add_request(ids, params)] = i

@@ -38,10 +38,11 @@ from spruce.config import SpeculativeConfig
 from spruce.engine.sampler import _SAMPLING_EPS
 from spruce.kv.manager import KVCacheManager, cdiv
 from spruce.models.llama import allocate_kv_cache
+from spruce.models.quant import read_as_q8_0, select_rows
 from spruce.request import Request
 from spruce.spec.draft_checkpoint import check_draft_vocab, load_draft_vocab
 from spruce.spec.proposers import Proposer
-from spruce.spec.tree import TokenTree, build_by_beam, build_by_expansion_batch
+from spruce.spec.tree import TokenTree, build_by_beam_batch, build_by_expansion_batch
 
 
 
@@ -131,7 +132,7 @@ class PagedDraftProposer(Proposer):
         return bool(victims)
 
     @torch.inference_mode()
-    def propose(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
+    def propose(self, requests: Sequence[Request], min_prob: float = 0.0) -> list[Optional[TokenTree]]:
         out: list[Optional[TokenTree]] = [None] * len(requests)
         if not requests:
             return out
@@ -156,7 +157,7 @@ class PagedDraftProposer(Proposer):
             seqs = [s for _, s in batch]
             self._fill(seqs)
             root_probs = self._run_roots(seqs)
-            trees = self._build(seqs, root_probs)
+            trees = self._build(seqs, root_probs, min_prob)
             for (i, _), tree in zip(batch, trees):
                 out[i] = tree
         except BaseException:
@@ -236,12 +237,12 @@ class PagedDraftProposer(Proposer):
         return reduced_head_logits(self.model.linear, hidden, self.head_weight, self.head_ids, self.vocab_size)
 
     # ----- tree building -----------------------------------------------------------------------
-    def _build(self, seqs: list[_Seq], root_logits: torch.Tensor) -> list[TokenTree]:
+    def _build(self, seqs: list[_Seq], root_logits: torch.Tensor, min_prob: float = 0.0) -> list[TokenTree]:
         def make_step_fn(group: list[int], temps: list[float]):
             return self._step_fn([seqs[i] for i in group], root_logits[group], temps)
         return build_draft_trees([s.request for s in seqs], make_step_fn, self.expansion, self.beam_width,
                                  self.depth, self.max_tree_nodes, self.proposer_id,
-                                 [s.generator for s in seqs])
+                                 [s.generator for s in seqs], min_prob)
 
     def _step_fn(self, seqs: list[_Seq], root_logits: torch.Tensor, temps: list[float]):
         """The DraftStepFn for one group. Contexts are [-(j+1), root, path...]: the marker names
@@ -308,11 +309,14 @@ def reduced_head_logits(linear, hidden: torch.Tensor, head_weight: torch.Tensor,
 
 def build_draft_trees(requests: Sequence[Request], make_step_fn, expansion: list[int], beam_width: Optional[int],
                       depth: int, max_tree_nodes: Optional[int], proposer_id: int,
-                      generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> list[TokenTree]:
+                      generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+                      min_prob: float = 0.0) -> list[TokenTree]:
     """One tree per request from a model drafter. Greedy requests get top-k picks, sampled ones
     draws from q at their temperature. `make_step_fn(group, temps)` gives the DraftStepFn for
     the requests at indices `group`; its contexts are [-(j+1), root, path...] (j: index in the
-    group). `generators`: per request, for seeded sampled requests' draws."""
+    group). `generators`: per request, for seeded sampled requests' draws. `min_prob`: greedy
+    requests' trees do not expand nodes below it (see build_by_expansion_batch); a sampled
+    request's tree never depends on it (a seeded one's text must not depend on timing)."""
     temps = [_temperature(r) for r in requests]
     if generators is None:
         generators = [_draft_generator(r) for r in requests]
@@ -325,13 +329,13 @@ def build_draft_trees(requests: Sequence[Request], make_step_fn, expansion: list
         fn = make_step_fn(group, [temps[i] or 1.0 for i in group])
         roots = [[-(j + 1), requests[i].all_token_ids[-1]] for j, i in enumerate(group)]
         if beam_width:
-            built = [build_by_beam(fn, roots[j], beam_width, depth, max_tree_nodes, proposer=proposer_id)
-                     for j in range(len(group))]
+            built = build_by_beam_batch(fn, roots, beam_width, depth, max_tree_nodes, proposer=proposer_id,
+                                        min_prob=0.0 if sample else min_prob)
         else:
             gens = [generators[i] for i in group]
             built = build_by_expansion_batch(fn, roots, expansion, sample=sample,
                                              generators=gens if any(g is not None for g in gens) else None,
-                                             proposer=proposer_id)
+                                             proposer=proposer_id, min_prob=0.0 if sample else min_prob)
         for i, t in zip(group, built):
             trees[i] = t
     return trees
@@ -412,7 +416,13 @@ class DraftModelProposer(PagedDraftProposer):
             if ids is not None:
                 self.head_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
                 w = model.embed_tokens if model.lm_head is None else model.lm_head
-                self.head_weight = w.index_select(0, self.head_ids).contiguous()
+                self.head_weight = select_rows(model.linear, w, self.head_ids)
+        # A checkpoint made here is fp32; an fp32 target reads its own weights as blocks, and a
+        # draft read as fp32 would cost half a target step per drafted token (2 layers and an
+        # 8192-row head, 44 MB against the target's ~80 MB of Q4_1/Q8_0).
+        read_as_q8_0(model.linear, [w for layer in model.layers
+                                    for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+                     + ([model.embed_tokens if model.lm_head is None else model.lm_head] if self.head_ids is None else []))
         per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim \
             * torch.empty((), dtype=target.dtype).element_size()
         num_blocks = self._pool_blocks(target, per_token)

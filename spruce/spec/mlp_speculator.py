@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spruce.config import SpeculativeConfig
+from spruce.models.quant import read_as_q8_0, select_rows
 from spruce.request import Request
 from spruce.spec.draft import _draft_generator, build_draft_trees, reduced_head_logits
 from spruce.spec.proposers import Proposer
@@ -144,7 +145,11 @@ class MLPSpeculatorProposer(Proposer):
         self.embed = model.embed_tokens
         w = model.embed_tokens if model.lm_head is None else model.lm_head
         self.head_ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long, device=self.device)
-        self.head_weight = w if self.head_ids is None else w.index_select(0, self.head_ids).contiguous()
+        self.head_weight = w if self.head_ids is None else select_rows(self.linear, w, self.head_ids)
+        # In an fp32 target that reads its weights as blocks (the GGUF's Q4_1/Q8_0, ~80 MB a
+        # token for SmolLM2), the head's fp32 block and reduced head would be 32 MB a drafting
+        # step; as Q8_0 blocks they are 8.5.
+        read_as_q8_0(self.linear, [self.head.fc_in, self.head.gate_up, self.head.down])
         # request id -> (the request's num_tokens when it was stored, final-normed hidden [H]).
         self.hidden: dict[str, tuple[int, torch.Tensor]] = {}
         # Seeded sampled requests draw their drafts from a stream of their own, kept across steps.
@@ -168,7 +173,7 @@ class MLPSpeculatorProposer(Proposer):
         return got[1]
 
     @torch.inference_mode()
-    def propose(self, requests: Sequence[Request]) -> list:
+    def propose(self, requests: Sequence[Request], min_prob: float = 0.0) -> list:
         out: list = [None] * len(requests)
         # Only a hidden state from the step that produced the root is the right one.
         ready = [i for i, r in enumerate(requests)
@@ -194,7 +199,8 @@ class MLPSpeculatorProposer(Proposer):
             return step
 
         trees = build_draft_trees(reqs, make_step_fn, self.expansion, self.beam_width, self.depth,
-                                  self.max_tree_nodes, self.proposer_id, [self._generator(r) for r in reqs])
+                                  self.max_tree_nodes, self.proposer_id, [self._generator(r) for r in reqs],
+                                  min_prob)
         for i, t in zip(ready, trees):
             out[i] = t
         return out

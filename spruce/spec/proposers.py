@@ -22,8 +22,10 @@ class Proposer(ABC):
     needs_hidden: bool = False
 
     @abstractmethod
-    def propose(self, requests: Sequence[Request]) -> list[Optional[TokenTree]]:
-        """One tree (or None: nothing to propose) per request."""
+    def propose(self, requests: Sequence[Request], min_prob: float = 0.0) -> list[Optional[TokenTree]]:
+        """One tree (or None: nothing to propose) per request. `min_prob`: the estimated
+        acceptance below which the step will not verify a node (spec/budget.py); a drafter may
+        stop drafting below such nodes of its deterministic trees."""
 
     def on_finished(self, request_ids: Sequence[str]) -> None:
         """Drop per-request state (draft KV, caches) of finished or preempted requests."""
@@ -55,7 +57,7 @@ class NgramProposer(Proposer):
         self.width = max(config.tree) if config.tree else 1
         self.proposer_id = proposer_id
 
-    def propose(self, requests):
+    def propose(self, requests, min_prob=0.0):
         return [self._propose_one(r.all_token_ids) for r in requests]
 
     def continuations(self, tokens: list[int]) -> list[list[int]]:
@@ -95,8 +97,8 @@ class MergedProposer(Proposer):
         self.cheap = all(p.cheap for p in proposers)
         self.needs_hidden = any(p.needs_hidden for p in proposers)
 
-    def propose(self, requests):
-        return self._merge([p.propose(requests) for p in self.proposers])
+    def propose(self, requests, min_prob=0.0):
+        return self._merge([p.propose(requests, min_prob) for p in self.proposers])
 
     def propose_cheap(self, requests):
         return self._merge([p.propose_cheap(requests) for p in self.proposers])

@@ -168,6 +168,33 @@ def test_dispatch_uses_a_registered_copy_until_the_weight_changes(ops):
     assert calls == ["quant_linear", "skinny_linear", "skinny_linear"]
 
 
+def test_q8_0_of_a_weight_made_here_and_rows_of_a_block_copy(ops):
+    """quantize_q8_0 matches gguf-py's Q8_0; read_as_q8_0 gives a weight its blocks and their
+    values (so every batch size computes one function); select_rows keeps the source's blocks."""
+    import numpy as np
+    gguf = pytest.importorskip("gguf")
+    from spruce.models.quant import Q8_0, quantize_q8_0, read_as_q8_0, select_rows
+    w = torch.randn(40, 96) * 0.1
+    q = quantize_q8_0(w)
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0),
+                                 gguf.GGMLQuantizationType.Q8_0)
+    assert q.format == Q8_0 and torch.equal(q.dequantize(), torch.from_numpy(np.ascontiguousarray(ref)))
+    assert quantize_q8_0(torch.randn(4, 33)) is None and quantize_q8_0(torch.zeros(2, 32)).dequantize().eq(0).all()
+    lin = SkinnyCPULinear(ops)
+    params = [torch.nn.Parameter(w.clone(), requires_grad=False), torch.nn.Parameter(torch.randn(8, 33))]
+    assert read_as_q8_0(lin, params) == 1 and lin.num_quantized == 1
+    assert torch.equal(params[0], q.dequantize()) and lin.quantized(params[1]) is None
+    assert read_as_q8_0(lin, params) == 0 and read_as_q8_0(TorchLinear(), params) == 0   # kept / no blocks
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        full = lin(x, params[0])
+        rows = torch.tensor([5, 0, 39, 7])
+        sub = select_rows(lin, params[0], rows)
+        assert lin.quantized(sub) is not None and torch.equal(lin(x, sub), full[:, rows])
+        plain = select_rows(lin, w, rows)        # no block copy on w: the rows get Q8_0 of their own
+        assert torch.equal(plain, q.dequantize()[rows]) and lin.quantized(plain) is not None
+
+
 def test_bf16_model_reads_quantized_blocks_at_decode_sizes_only(ops):
     from spruce.models.linear import BF16_QUANT_DOT_MAX_ROWS, BF16_QUANT_MAX_ROWS
     q, w32 = _gguf_blocks("Q4_1", 16, 64, seed=5)

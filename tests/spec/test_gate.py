@@ -82,7 +82,7 @@ def test_a_gated_off_merged_tree_keeps_its_lookups_and_a_stale_draft_stays_plain
     ngram, early_exit = engine.proposer.proposers
     model_calls = []
     propose = early_exit.propose
-    early_exit.propose = lambda reqs: (model_calls.append(len(reqs)), propose(reqs))[1]
+    early_exit.propose = lambda reqs, min_prob=0.0: (model_calls.append(len(reqs)), propose(reqs, min_prob))[1]
     steps = []
 
     def want_spec(num_running):   # closed for the first 10 decode steps, then open

@@ -136,6 +136,53 @@ def test_beam_with_cap():
     assert len(build_by_beam(draft, [9], width=2, depth=3, max_nodes=1)) == 1
 
 
+def test_beam_batch_is_one_draft_call_per_depth_and_the_same_trees_as_alone():
+    from spruce.spec.tree import build_by_beam_batch
+    def random_draft(calls):
+        def fn(ctxs):      # a distribution of its own for every context, the same on every call
+            calls.append(len(ctxs))
+            rows = [torch.randn(V, generator=torch.Generator().manual_seed(hash(tuple(c)) % 2 ** 31)) * 2
+                    for c in ctxs]
+            return torch.stack(rows).softmax(-1)
+        return fn
+    ctxs = [[0], [3, 1], [5, 1, 2]]
+    for max_nodes in (None, 5):
+        calls = []
+        batch = build_by_beam_batch(random_draft(calls), ctxs, width=3, depth=3, max_nodes=max_nodes)
+        alone = [build_by_beam(random_draft([]), c, width=3, depth=3, max_nodes=max_nodes) for c in ctxs]
+        assert len(calls) == 3
+        assert [t.paths() for t in batch] == [t.paths() for t in alone]
+        assert [t.cum_logprobs for t in batch] == [t.cum_logprobs for t in alone]
+
+
+def test_min_prob_stops_drafting_below_nodes_the_step_would_not_verify():
+    """Nodes whose cumulative draft probability is under min_prob become leaves: fewer draft
+    calls, and cutting at min_prob (as spec/budget.py does) leaves the same tree either way."""
+    from spruce.spec.tree import _subtree
+    q = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    def draft(calls):
+        def fn(ctxs):
+            calls.append(len(ctxs))
+            return q.expand(len(ctxs), -1)
+        return fn
+
+    def cut(t, p):
+        return _subtree(t, [i for i in range(len(t)) if math.exp(t.cum_logprobs[i]) >= p])
+    for build in (lambda fn, m: build_by_beam(fn, [9], width=2, depth=4, min_prob=m),
+                  lambda fn, m: build_by_expansion_batch(fn, [[9]], (2, 2, 1, 1), min_prob=m)[0]):
+        full_calls, pruned_calls = [], []
+        full, pruned = build(draft(full_calls), 0.0), build(draft(pruned_calls), 0.2)
+        assert sum(pruned_calls) < sum(full_calls)
+        assert cut(pruned, 0.2).paths() == cut(full, 0.2).paths()
+        assert all(math.exp(pruned.cum_logprobs[pruned.parents[i]]) >= 0.2 for i in range(1, len(pruned)))
+    # Sampled draws are never pruned (a draw dropped for its value would bias MSS).
+    a = build_by_expansion_batch(draft([]), [[9]], (2, 2), sample=True, min_prob=0.9,
+                                 generators=torch.Generator().manual_seed(0))[0]
+    b = build_by_expansion_batch(draft([]), [[9]], (2, 2), sample=True,
+                                 generators=torch.Generator().manual_seed(0))[0]
+    assert a.paths() == b.paths()
+
+
 def test_beam_skips_impossible_tokens():
     q = torch.tensor([0.0, 1.0, 0.0])
     t = build_by_beam(lambda c: q.expand(len(c), -1), [0], width=3, depth=2)
