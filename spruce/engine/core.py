@@ -245,7 +245,10 @@ class EngineCore:
             max_backlog = self.spec_config.max_draft_backlog
             full = [r.sampling_params.is_seeded_sampling or (gate_open and self.proposer.backlog(r) <= max_backlog)
                     for r in reqs]
-        trees = self._trees(reqs, full, len(running))
+        # The value a verified row must bring (spec/budget.py): drafters stop below it, the cut
+        # drops what is left below it.
+        threshold = self.step_cost.row_value(len(running)) if self.spec_record is not None else 0.0
+        trees = self._trees(reqs, full, threshold)
         # What the gate times: steps where the model drafter ran for every request against steps
         # where it ran for none (a merged tree's cheap lookups may still draft in those).
         chose = True if all(full) else False if not any(full) else None
@@ -254,16 +257,15 @@ class EngineCore:
             # or the lookups' misses would make drafting look no better than not drafting.
             chose = False
         if self.spec_record is not None and trees:
-            trees = self._cut(reqs, trees, len(running))
+            trees = self._cut(reqs, trees, len(running), threshold)
         for req, tree in zip(reqs, trees):
             if tree is not None and len(tree) > 1 and req.num_tokens + max(tree.depths) <= self.max_model_len:
                 req.spec_tree = tree
         return chose
 
-    def _trees(self, reqs: list, full: list[bool], num_running: int) -> list:
-        """The full proposer's trees for requests marked `full`, its cheap part's for the rest.
-        With the per-node cut on, a drafter stops below nodes the cut would drop anyway."""
-        min_prob = self.step_cost.row_value(num_running) if self.spec_record is not None else 0.0
+    def _trees(self, reqs: list, full: list[bool], min_prob: float) -> list:
+        """The full proposer's trees for requests marked `full`, its cheap part's for the rest;
+        a drafter stops below nodes of estimated acceptance under `min_prob`."""
         trees: list = [None] * len(reqs)
         for want_full, propose in ((True, lambda rs: self.proposer.propose(rs, min_prob)),
                                    (False, self.proposer.propose_cheap)):
@@ -273,7 +275,7 @@ class EngineCore:
                     trees[i] = t
         return trees
 
-    def _cut(self, reqs: list, trees: list, num_running: int) -> list:
+    def _cut(self, reqs: list, trees: list, num_running: int, threshold: float) -> list:
         """The trees cut to the nodes that pay for their rows (spec/budget.py). A seeded sampled
         request's draws follow its tree, so its tree must not depend on timing (the fitted row
         price) or on the rest of the batch (the row cap): it is kept whole."""
@@ -283,8 +285,7 @@ class EngineCore:
                 r.spec_record = AcceptanceRecord()
         seeded = [r.sampling_params.is_seeded_sampling for r in reqs]
         cut = cut_trees([None if f else t for t, f in zip(trees, seeded)], [r.spec_record for r in reqs],
-                        self.spec_record, num_running, self.spec_config.max_num_verify_rows,
-                        self.step_cost.row_value(num_running))
+                        self.spec_record, num_running, self.spec_config.max_num_verify_rows, threshold)
         return [t if f else c for t, c, f in zip(trees, cut, seeded)]
 
     def _time_step(self, scheduled: SchedulerOutput, model_output: ModelRunnerOutput,

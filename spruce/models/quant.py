@@ -68,8 +68,9 @@ def enabled() -> bool:
 
 
 def quantize_q8_0(w: torch.Tensor) -> Optional[QuantWeight]:
-    """Blocks of 32 along k with a per-block scale max|x| / 127 (llama.cpp's Q8_0); None where k is not a multiple of 32. For small weights made here (a draft
-    head) that decode reads many times a step: a quarter of the fp32 bytes."""
+    """Blocks of 32 along k with a per-block scale max|x| / 127 (llama.cpp's Q8_0); None where k
+    is not a multiple of 32. For small weights made here (a draft head) that decode reads many
+    times a step: a quarter of the fp32 bytes."""
     if w.dim() != 2 or w.shape[1] % BLOCK:
         return None
     n, k = w.shape

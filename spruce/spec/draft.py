@@ -8,7 +8,7 @@ one flat forward per draft depth:
    root's logits are the depth-1 distribution). The early-exit draft copies them from the
    target's cache instead (see EarlyExitProposer) and then runs only the root.
 2. Drafting. `build_by_expansion_batch` (SpecInfer's expansion config; a chain <1,..,1> when no
-   tree is configured) or `build_by_beam` call `draft_step_fn` once per depth with the frontier
+   tree is configured) or `build_by_beam_batch` (spec/draft_trees.py) call `draft_step_fn` once per depth with the frontier
    nodes. The frontier's ancestors that are not cached yet are re-run as one query chunk per
    request, with their ancestor mask, into scratch "lookahead" slots after the root. Nodes on
    the frontier's common path (a chain's every node, a tree's trunk) stay cached across depths,
@@ -26,7 +26,6 @@ only a reduced vocabulary (FR-Spec) has q = 0 outside it, which is still exact.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,14 +34,14 @@ import torch
 
 from spruce.attention.metadata import AttentionMetadata
 from spruce.config import SpeculativeConfig
-from spruce.engine.sampler import _SAMPLING_EPS
 from spruce.kv.manager import KVCacheManager, cdiv
 from spruce.models.llama import allocate_kv_cache
 from spruce.models.quant import read_as_q8_0, select_rows
 from spruce.request import Request
 from spruce.spec.draft_checkpoint import check_draft_vocab, load_draft_vocab
+from spruce.spec.draft_trees import build_draft_trees, draft_generator, reduced_head_logits
 from spruce.spec.proposers import Proposer
-from spruce.spec.tree import TokenTree, build_by_beam_batch, build_by_expansion_batch
+from spruce.spec.tree import TokenTree
 
 
 
@@ -147,7 +146,7 @@ class PagedDraftProposer(Proposer):
                 self.on_finished([req.request_id])
                 seq = None
             if seq is None:
-                seq = self.seqs[req.request_id] = _Seq(req.request_id, req, generator=_draft_generator(req))
+                seq = self.seqs[req.request_id] = _Seq(req.request_id, req, generator=draft_generator(req))
             if not self._allocate(seq, ids):
                 continue
             batch.append((i, seq))
@@ -296,51 +295,6 @@ class PagedDraftProposer(Proposer):
         return self._logits(hidden.index_select(0, sel))
 
 
-def reduced_head_logits(linear, hidden: torch.Tensor, head_weight: torch.Tensor, head_ids: torch.Tensor,
-                        vocab_size: int) -> torch.Tensor:
-    """A reduced head's logits (rows of `head_ids`) as [rows, vocab_size] float32, -inf elsewhere:
-    q = 0 outside the head's vocabulary, which keeps verification exact."""
-    full = torch.full((hidden.shape[0], vocab_size), -math.inf, device=hidden.device)
-    full[:, head_ids] = linear(hidden, head_weight).float()
-    return full
-
-
-# ----- tree helpers ---------------------------------------------------------------------------
-
-def build_draft_trees(requests: Sequence[Request], make_step_fn, expansion: list[int], beam_width: Optional[int],
-                      depth: int, max_tree_nodes: Optional[int], proposer_id: int,
-                      generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-                      min_prob: float = 0.0) -> list[TokenTree]:
-    """One tree per request from a model drafter. Greedy requests get top-k picks, sampled ones
-    draws from q at their temperature. `make_step_fn(group, temps)` gives the DraftStepFn for
-    the requests at indices `group`; its contexts are [-(j+1), root, path...] (j: index in the
-    group). `generators`: per request, for seeded sampled requests' draws. `min_prob`: greedy
-    requests' trees do not expand nodes below it (see build_by_expansion_batch); a sampled
-    request's tree never depends on it (a seeded one's text must not depend on timing)."""
-    temps = [_temperature(r) for r in requests]
-    if generators is None:
-        generators = [_draft_generator(r) for r in requests]
-    trees: list[Optional[TokenTree]] = [None] * len(requests)
-    greedy = [i for i, t in enumerate(temps) if t is None]
-    sampled = [i for i, t in enumerate(temps) if t is not None]
-    for group, sample in ((greedy, False), (sampled, True)):
-        if not group:
-            continue
-        fn = make_step_fn(group, [temps[i] or 1.0 for i in group])
-        roots = [[-(j + 1), requests[i].all_token_ids[-1]] for j, i in enumerate(group)]
-        if beam_width:
-            built = build_by_beam_batch(fn, roots, beam_width, depth, max_tree_nodes, proposer=proposer_id,
-                                        min_prob=0.0 if sample else min_prob)
-        else:
-            gens = [generators[i] for i in group]
-            built = build_by_expansion_batch(fn, roots, expansion, sample=sample,
-                                             generators=gens if any(g is not None for g in gens) else None,
-                                             proposer=proposer_id, min_prob=0.0 if sample else min_prob)
-        for i, t in zip(group, built):
-            trees[i] = t
-    return trees
-
-
 def _cumsum(xs: list[int]) -> list[int]:
     out = [0]
     for x in xs:
@@ -381,19 +335,6 @@ def _ancestor_mask(nodes: list[tuple], index: dict) -> torch.Tensor:
         if parent in index:
             m[k] |= m[index[parent]]
     return m
-
-
-def _temperature(req: Request) -> Optional[float]:
-    t = req.sampling_params.temperature
-    return None if t < _SAMPLING_EPS else float(t)
-
-
-def _draft_generator(req: Request) -> Optional[torch.Generator]:
-    """Seeded requests draft from their own stream (not the request's), so reruns repeat."""
-    seed = req.sampling_params.seed
-    if seed is None:
-        return None
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + 0x5EED) % (1 << 63))
 
 
 # ----- the two proposers ----------------------------------------------------------------------

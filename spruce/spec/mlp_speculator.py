@@ -29,7 +29,7 @@ from torch import nn
 from spruce.config import SpeculativeConfig
 from spruce.models.quant import read_as_q8_0, select_rows
 from spruce.request import Request
-from spruce.spec.draft import _draft_generator, build_draft_trees, reduced_head_logits
+from spruce.spec.draft_trees import build_draft_trees, draft_generator, reduced_head_logits
 from spruce.spec.proposers import Proposer
 
 SPECULATOR_KIND = "mlp_speculator"
@@ -169,7 +169,7 @@ class MLPSpeculatorProposer(Proposer):
     def _generator(self, req: Request) -> Optional[torch.Generator]:
         got = self.generators.get(req.request_id)
         if got is None or got[0] is not req:
-            got = self.generators[req.request_id] = (req, _draft_generator(req))
+            got = self.generators[req.request_id] = (req, draft_generator(req))
         return got[1]
 
     @torch.inference_mode()

@@ -213,7 +213,7 @@ def build_by_expansion_batch(draft_step_fn: DraftStepFn, root_ctxs: Sequence[Seq
     probability never exceeds its parent's, so its children would only cost drafting time."""
     bs = [_Builder(int(c[-1])) for c in root_ctxs]
     frontier = [(t, 0) for t in range(len(bs))]      # (tree, node), grouped by tree in order
-    log_min = math.log(min_prob) if min_prob > 0 else -math.inf
+    log_min = _log(min_prob)
     per_tree = generators is not None and not isinstance(generators, torch.Generator)
     for k in expansion:
         if not frontier:
@@ -266,7 +266,7 @@ def build_by_beam_batch(draft_step_fn: DraftStepFn, root_ctxs: Sequence[Sequence
     """build_by_beam for many requests, one draft_step_fn call per depth for all of them (a
     drafter's cost per call hardly depends on its rows: at 4 requests, 4x fewer calls)."""
     branch = branch or width
-    log_min = math.log(min_prob) if min_prob > 0 else -math.inf
+    log_min = _log(min_prob)
     bs = [_Builder(int(c[-1])) for c in root_ctxs]
     frontier = [(t, 0) for t in range(len(bs))]      # (tree, node), grouped by tree in order
     for _ in range(depth):
@@ -274,6 +274,7 @@ def build_by_beam_batch(draft_step_fn: DraftStepFn, root_ctxs: Sequence[Sequence
             break
         q_rows = _draft(draft_step_fn, [list(root_ctxs[t]) + bs[t].paths[n] for t, n in frontier])
         vals, ids = q_rows.topk(min(branch, q_rows.shape[-1]), dim=-1)
+        rank = {tn: i for i, tn in enumerate(frontier)}
         cands: list[list] = [[] for _ in bs]
         for (t, n), q, vs, ts in zip(frontier, q_rows.unbind(0), vals.tolist(), ids.tolist()):
             cands[t] += [(bs[t].cum[n] + math.log(v), n, tok, q) for tok, v in zip(ts, vs) if v > 0]
@@ -283,8 +284,7 @@ def build_by_beam_batch(draft_step_fn: DraftStepFn, root_ctxs: Sequence[Sequence
                 continue
             # sorted() is stable, so equal scores keep frontier order: deterministic trees.
             keep = sorted(cs, key=lambda c: -c[0])[:width]
-            rank = {n: i for i, (tt, n) in enumerate(frontier) if tt == t}
-            keep.sort(key=lambda c: rank[c[1]])   # BFS: children grouped in parent order
+            keep.sort(key=lambda c: rank[(t, c[1])])   # BFS: children grouped in parent order
             for sc, n, tok, q in keep:
                 child = bs[t].add(n, tok, q, False, proposer, sc)[0]
                 if sc >= log_min:
