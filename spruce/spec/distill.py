@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from spruce.models.elementwise import rms_norm
 from spruce.models.llama import LlamaConfig, LlamaForCausalLM
 from spruce.spec.distill_data import Sample, choose_draft_vocab, generate_corpus, load_prompts
-from spruce.spec.draft_checkpoint import DRAFT_CONFIG_KEY, save_draft_vocab
+from spruce.spec.draft_checkpoint import CORPUS_PROMPT_TAIL, DRAFT_CONFIG_KEY, save_corpus, save_draft_vocab
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -355,6 +355,7 @@ def distill(target: str = "smollm2-135m", out: str = "draft", *, layers: int = 2
     if not samples:
         raise RuntimeError("the target generated nothing to distill from")
     n_tok = sum(s.top_ids.shape[0] for s in samples)
+    save_corpus(Path(out), [s.tokens[max(0, s.prompt_len - CORPUS_PROMPT_TAIL):] for s in samples])
     log(f"distill: {len(samples)} samples, {n_tok} generated tokens in "
         f"{time.perf_counter() - t_start:.0f}s")
     held = max(1, len(samples) // 20) if len(samples) >= 10 else 0

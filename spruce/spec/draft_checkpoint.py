@@ -1,8 +1,9 @@
 """What a draft checkpoint directory holds beyond weights, and the checks it must pass.
 
 `spruce distill` writes both kinds of draft (a small causal LM, or an MLP speculator) with a
-`spruce_draft` section in config.json (what it was trained for) and, for a reduced head,
-draft_vocab.json (the token ids its head covers: FR-Spec).
+`spruce_draft` section in config.json (what it was trained for), for a reduced head,
+draft_vocab.json (the token ids its head covers: FR-Spec), and corpus.npy: the text the target
+generated for it, which the suffix proposer (spec/suffix.py) can search as a datastore.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from typing import Optional, Sequence
 
 DRAFT_CONFIG_KEY = "spruce_draft"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+CORPUS_FILE = "corpus.npy"
+# Prompt tokens kept before each answer: the chat template's tail ("<|im_start|>assistant\n"),
+# so the datastore also knows how the target's answers open.
+CORPUS_PROMPT_TAIL = 3
 
 
 def save_draft_vocab(out: Path, draft_vocab: Optional[Sequence[int]]) -> None:
@@ -21,6 +26,30 @@ def save_draft_vocab(out: Path, draft_vocab: Optional[Sequence[int]]) -> None:
         vocab_file.write_text(json.dumps({"token_ids": [int(t) for t in draft_vocab]}))
     elif vocab_file.exists():
         vocab_file.unlink()
+
+
+def save_corpus(out: Path, sequences: Sequence[Sequence[int]]) -> Path:
+    """The target's generated token sequences as one int32 array, each followed by -1."""
+    import numpy as np
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [t for seq in sequences for t in (*seq, -1)]
+    path = out / CORPUS_FILE
+    np.save(path, np.asarray(flat, dtype=np.int32))
+    return path
+
+
+def load_corpus(path) -> "np.ndarray":
+    """A corpus.npy (or a draft directory holding one): int32 tokens, -1 between sequences."""
+    import numpy as np
+    p = Path(path)
+    if p.is_dir():
+        p = p / CORPUS_FILE
+    if not p.is_file():
+        raise ValueError(f"no datastore corpus at {p} (spruce distill writes {CORPUS_FILE} into its --out)")
+    arr = np.load(p)
+    if arr.dtype != np.int32 or arr.ndim != 1:
+        raise ValueError(f"{p}: expected a 1-D int32 array, got {arr.dtype} of shape {arr.shape}")
+    return arr
 
 
 def load_draft_vocab(path: Path) -> Optional[list[int]]:

@@ -178,6 +178,7 @@ def test_draft_with_another_vocabulary_is_rejected(make_llm, drafts, tmp_path):
 
 def test_distill_tiny_budget_writes_a_loadable_checkpoint(smollm, make_llm, reference, tmp_path):
     from spruce.spec.distill import distill
+    from spruce.spec.draft_checkpoint import load_corpus
     path = distill("smollm2-135m", str(tmp_path / "d"), num_prompts=3, samples_per_prompt=1,
                    max_tokens=8, max_steps=2, draft_vocab=512, batch_tokens=512, _loaded=smollm,
                    kv_cache_memory="64MiB", log=lambda m: None)
@@ -186,6 +187,8 @@ def test_distill_tiny_budget_writes_a_loadable_checkpoint(smollm, make_llm, refe
     assert cfg["spruce_draft"]["steps"] == 2
     assert len(json.loads((path / "draft_vocab.json").read_text())["token_ids"]) <= 512
     assert (path / "tokenizer.json").is_file()
+    corpus = load_corpus(path)       # the generated answers, each after the template's tail
+    assert (corpus == -1).sum() == 3 and corpus[-1] == -1
     llm = make_llm(speculative_config=json.dumps({"method": "draft_model", "model": str(path)}))
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     assert out[0].outputs[0].token_ids == reference[0]
