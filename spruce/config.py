@@ -80,14 +80,15 @@ class SchedulerConfig:
 
 
 SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)
-SPEC_METHODS = ("ngram", "draft_model", "early_exit", "mlp_speculator", "merged")
+SPEC_METHODS = ("ngram", "suffix", "draft_model", "early_exit", "mlp_speculator", "merged")
 
 
 @dataclass
 class SpeculativeConfig:
     """vLLM's --speculative-config shape, plus SpecInfer's tree options."""
     method: str = "ngram"
-    model: Optional[str] = None               # draft_model / mlp_speculator: the checkpoint
+    model: Optional[str] = None               # draft_model / mlp_speculator: the checkpoint;
+                                              # suffix: a datastore (a distill dir or its corpus.npy)
     num_speculative_tokens: int = 4           # chain length, or the tree's max depth
     prompt_lookup_min: int = 1                # ngram: shortest suffix to look up
     prompt_lookup_max: int = 4                # ngram: longest suffix to look up
@@ -100,6 +101,13 @@ class SpeculativeConfig:
     max_tree_nodes: Optional[int] = None
     num_early_exit_layers: Optional[int] = None  # early_exit: target layers the draft runs
     methods: Optional[list[dict]] = None       # merged: the proposers whose trees are merged
+    # suffix (spec/suffix.py), vLLM's names: the longest suffix matched (Spruce indexes every
+    # n-gram up to it, so its default is below vLLM's 24), the draft size per matched token, the
+    # least continuation frequency drafted, finished requests whose outputs are searched.
+    suffix_decoding_max_tree_depth: int = 16
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
+    suffix_decoding_max_cached_requests: int = 1000
     # Load adaptation: no speculation in a step with more running requests than this.
     max_num_seqs_for_spec: int = 8
     # Measured adaptation (spec/gate.py): below that cap, draft only while steps with drafts emit
@@ -131,8 +139,16 @@ class SpeculativeConfig:
             raise ValueError("beam_width must be >= 1")
         if self.max_tree_nodes is not None and self.max_tree_nodes < 2:
             raise ValueError("max_tree_nodes must be >= 2 (the root and one node)")
-        if self.max_tree_nodes is not None and not self.beam_width:
-            raise ValueError("max_tree_nodes applies to beam trees: set beam_width too")
+        if self.max_tree_nodes is not None and not self.beam_width and self.method != "suffix":
+            raise ValueError("max_tree_nodes applies to beam trees (set beam_width too) and to suffix")
+        if self.suffix_decoding_max_tree_depth < 1:
+            raise ValueError("suffix_decoding_max_tree_depth must be >= 1")
+        if self.suffix_decoding_max_spec_factor <= 0:
+            raise ValueError("suffix_decoding_max_spec_factor must be > 0")
+        if not 0 <= self.suffix_decoding_min_token_prob <= 1:
+            raise ValueError("suffix_decoding_min_token_prob must be in [0, 1]")
+        if self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError("suffix_decoding_max_cached_requests must be >= 0")
         if self.max_num_verify_rows < 2:
             raise ValueError("max_num_verify_rows must be >= 2 (a request's root and one draft node)")
         if self.prompt_lookup_min < 1 or self.prompt_lookup_max < self.prompt_lookup_min:

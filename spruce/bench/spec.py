@@ -46,6 +46,13 @@ MODES = {
                   "beam_width": 3},
     "merged-mlp": {"method": "merged", "tree": [3, 1, 1, 1], "methods": [
         {"method": "mlp_speculator", "model": "{speculator}"}, {"method": "ngram"}]},
+    # Suffix decoding over the request's own tokens, finished requests' outputs and {datastore}
+    # (--datastore: a distill directory's corpus.npy); "-local" without the datastore.
+    "suffix": {"method": "suffix", "model": "{datastore}", "num_speculative_tokens": 8, "max_tree_nodes": 16},
+    "suffix-local": {"method": "suffix", "num_speculative_tokens": 8, "max_tree_nodes": 16},
+    "merged-mlp-suffix": {"method": "merged", "tree": [3, 1, 1, 1], "methods": [
+        {"method": "mlp_speculator", "model": "{speculator}"},
+        {"method": "suffix", "model": "{datastore}", "num_speculative_tokens": 8, "max_tree_nodes": 16}]},
 }
 
 
@@ -57,6 +64,9 @@ def add_spec_bench(sub) -> None:
     p.add_argument("--draft", default=None, help="draft checkpoint (spruce distill --out DIR) for draft modes")
     p.add_argument("--speculator", default=None,
                    help="MLP speculator (spruce distill --kind mlp_speculator --out DIR) for mlp modes")
+    p.add_argument("--datastore", default=None,
+                   help="suffix modes' datastore: a distill directory (its corpus.npy) or the file; "
+                        "default: --speculator's, else --draft's")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -78,7 +88,7 @@ def load_w4(path=None) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _config(mode: str, draft, max_num_seqs_for_spec=None, speculator=None):
+def _config(mode: str, draft, max_num_seqs_for_spec=None, speculator=None, datastore=None):
     cfg = MODES[mode]
     if cfg is None:
         return None
@@ -92,6 +102,11 @@ def _config(mode: str, draft, max_num_seqs_for_spec=None, speculator=None):
             raise ValueError(f"mode {mode!r} needs --speculator DIR (make one with "
                              "`spruce distill --kind mlp_speculator`)")
         text = text.replace("{speculator}", speculator)
+    if "{datastore}" in text:
+        datastore = datastore or speculator or draft
+        if not datastore:
+            raise ValueError(f"mode {mode!r} needs --datastore (a `spruce distill` directory)")
+        text = text.replace("{datastore}", datastore)
     cfg = json.loads(text)
     if max_num_seqs_for_spec is not None:   # forced: the measured gate is off too
         cfg["max_num_seqs_for_spec"] = max_num_seqs_for_spec
@@ -134,6 +149,9 @@ def run(args) -> int:
     prompts = [tok.encode(tok.apply_chat_template(r["messages"], add_generation_prompt=True), add_special_tokens=False)
                for r in rows]
     kinds = [r.get("kind", "?") for r in rows]
+    # Warm-up text outside W4: a suffix cache must not start a mode with W4's own answers.
+    warm = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True),
+                      add_special_tokens=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
@@ -146,11 +164,11 @@ def run(args) -> int:
         rounds: dict = defaultdict(list)
         for rep in range(args.repeats):
             for mode in modes:
-                cfg = _config(mode, args.draft, args.max_num_seqs_for_spec, args.speculator)
+                cfg = _config(mode, args.draft, args.max_num_seqs_for_spec, args.speculator, args.datastore)
                 llm = LLM(_loaded=loaded, speculative_config=cfg,
                           **{k: v for k, v in kwargs.items()
                              if k not in ("model", "dtype", "device", "tokenizer", "speculative_config")})
-                _run_mode(llm, prompts[:min(batch, 2)], kinds, batch, 8)  # warm-up
+                _run_mode(llm, [warm] * min(batch, 2), kinds, batch, 8)  # warm-up
                 r = _run_mode(llm, prompts, kinds, batch, args.max_tokens)
                 rounds[mode].append(r)
                 if args.repeats > 1:

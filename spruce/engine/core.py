@@ -323,6 +323,7 @@ class EngineCore:
         outputs, stopped = self.output_processor.process(updated, model_output.logprobs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.proposer is not None:   # drop draft state (draft KV) of finished/preempted requests
-            self.proposer.on_finished([r.request_id for r in updated if r.is_finished]
-                                      + [r.request_id for r in scheduled.preempted])
+            finished = [r for r in updated if r.is_finished]
+            self.proposer.observe_finished(finished)
+            self.proposer.on_finished([r.request_id for r in finished] + [r.request_id for r in scheduled.preempted])
         return outputs

@@ -5,7 +5,8 @@ row costs against what a step yields grows with the batch: on the Zen 4 dev box 
 ~6% of a 1-request decode step and ~45% of a row's share of an 8-request one. So each node gets an
 estimated probability of being accepted, its path's product of per-node estimates:
   - a draft-model node: its draft probability given its parent (exp of the cum_logprob step);
-  - a node without a draft distribution (n-gram lookup): the request's own record of how often
+  - a suffix-decoding node: the share of the matched occurrences that continued through it;
+  - another node without a draft distribution (n-gram lookup): the request's own record of how often
     such nodes were accepted at that depth, given that their parent was, smoothed towards the
     record of all requests;
   - a node both proposed: the larger.
@@ -56,7 +57,7 @@ class AcceptanceRecord:
             if not kids:
                 return
             d = min(depth, MAX_DEPTH_TRACKED)
-            plain = [c for c in kids if any(p.q is None for p in tree.sources(c))]
+            plain = [c for c in kids if any(p.q is None and p.prob is None for p in tree.sources(c))]
             nxt = next((c for c in kids if tree.tokens[c] == tok), None)
             if plain:
                 self.tried[d] += 1
@@ -115,7 +116,9 @@ def node_values(tree: TokenTree, record: AcceptanceRecord, prior: AcceptanceReco
         p = tree.parents[i]
         local = 0.0
         for prop in tree.sources(i):
-            if prop.q is None:
+            if prop.prob is not None:
+                local = max(local, prop.prob)
+            elif prop.q is None:
                 local = max(local, record.rate(tree.depths[i], prior))
             else:
                 local = max(local, math.exp(min(0.0, cum[i] - cum[p])))

@@ -33,6 +33,9 @@ class Proposer(ABC):
     def observe_hidden(self, requests: Sequence[Request], hidden: dict) -> None:
         """After a step: `hidden[request_id]` produced that request's last token (needs_hidden)."""
 
+    def observe_finished(self, requests: Sequence[Request]) -> None:
+        """Requests that finished this step, with their outputs (a suffix cache learns from them)."""
+
     def backlog(self, request: Request) -> int:
         """Generated tokens this proposer must still run before it can draft for `request` (a
         model drafter catches up on every token decoded since its last pass; the prompt is not
@@ -110,6 +113,10 @@ class MergedProposer(Proposer):
         for p in self.proposers:
             p.observe_hidden(requests, hidden)
 
+    def observe_finished(self, requests):
+        for p in self.proposers:
+            p.observe_finished(requests)
+
     @staticmethod
     def _merge(per: list[list]) -> list:
         out = []
@@ -127,6 +134,9 @@ def make_proposer(config: SpeculativeConfig, target=None, proposer_id: int = 0) 
     """`target`: the EngineCore, for proposers that reuse the target's weights or tokenizer."""
     if config.method == "ngram":
         return NgramProposer(config, proposer_id)
+    if config.method == "suffix":
+        from spruce.spec.suffix import SuffixProposer
+        return SuffixProposer(config, proposer_id)
     if config.method == "merged":
         subs = []
         for i, sub in enumerate(config.methods):

@@ -34,6 +34,9 @@ class Proposal(NamedTuple):
     q: Optional[torch.Tensor]    # [V] draft distribution at the parent (None: proposer gave none)
     sampled: bool                # True: an independent draw from q; False: a deterministic pick
     proposer: int = 0
+    # Without q: the proposer's estimate that the target continues with this child given the
+    # parent (suffix decoding's continuation frequency), for the per-node cut; None: no estimate.
+    prob: Optional[float] = None
 
 
 class TokenTree:
@@ -310,8 +313,7 @@ def _subtree(tree: TokenTree, keep: list[int]) -> TokenTree:
     probability cut does) would bias MSS, which assumes every draw made is tried."""
     new = {old: i for i, old in enumerate(keep)}
     assert all(tree.parents[o] in new for o in keep[1:]), "cut must be ancestor-closed"
-    props = [[Proposal(new[p.child], p.q, p.sampled, p.proposer)
-              for p in tree.proposals[o] if p.child in new] for o in keep]
+    props = [[p._replace(child=new[p.child]) for p in tree.proposals[o] if p.child in new] for o in keep]
     return TokenTree([tree.tokens[o] for o in keep], [-1] + [new[tree.parents[o]] for o in keep[1:]],
                      props, [tree.cum_logprobs[o] for o in keep])
 
@@ -341,6 +343,5 @@ def merge_trees(trees: Sequence[TokenTree]) -> TokenTree:
         maps[ti][i] = node
     for ti, t in enumerate(trees):
         for u, ps in enumerate(t.proposals):
-            b.proposals[maps[ti][u]] += [Proposal(maps[ti][p.child], p.q, p.sampled, p.proposer)
-                                         for p in ps]
+            b.proposals[maps[ti][u]] += [p._replace(child=maps[ti][p.child]) for p in ps]
     return b.build()
