@@ -129,12 +129,24 @@ def continuation_probs(rows: np.ndarray, prior: float = 1.0) -> dict[tuple[int, 
 
 
 def best_tree(root: int, probs: dict[tuple[int, ...], float], max_nodes: int, min_prob: float,
-              proposer: int = 0) -> Optional[TokenTree]:
+              proposer: int = 0, max_width: Optional[int] = None) -> Optional[TokenTree]:
     """The `max_nodes - 1` most probable paths of at least `min_prob` (ancestor-closed, since a
-    path is never more probable than its prefix; ties to the shorter), as a BFS tree whose
-    proposals carry each node's probability given its parent."""
+    path is never more probable than its prefix; ties to the shorter), at most `max_width`
+    children a node (1: a chain), as a BFS tree whose proposals carry each node's probability
+    given its parent."""
     picked = sorted((p for p, v in probs.items() if v >= min_prob), key=lambda p: (-probs[p], len(p), p))
-    keep = set(picked[:max_nodes - 1])
+    keep: set[tuple[int, ...]] = set()
+    width: dict[tuple[int, ...], int] = {}
+    for p in picked:
+        if len(keep) == max_nodes - 1:
+            break
+        parent = p[:-1]
+        if parent and parent not in keep:
+            continue          # its parent lost to the width limit
+        if max_width is not None and width.get(parent, 0) >= max_width:
+            continue
+        keep.add(p)
+        width[parent] = width.get(parent, 0) + 1
     paths = sorted(keep, key=lambda p: (len(p), p))
     if not paths:
         return None
@@ -153,7 +165,8 @@ def best_tree(root: int, probs: dict[tuple[int, ...], float], max_nodes: int, mi
 
 class SuffixProposer(Proposer):
     """See the module doc. Config: `num_speculative_tokens` (the tree's depth), `max_tree_nodes`
-    (its size, root included; default depth + 1), `model` (a datastore: a `spruce distill`
+    (its size, root included; default depth + 1), `tree` (its largest entry caps a node's
+    children; default: no cap), `model` (a datastore: a `spruce distill`
     directory or its corpus.npy), and vLLM's suffix_decoding_* options."""
     cheap = True
     # Occurrences a lookup reads at most: enough to tell a 10% continuation from noise.
@@ -165,6 +178,8 @@ class SuffixProposer(Proposer):
         self.max_n = config.suffix_decoding_max_tree_depth
         self.spec_factor = config.suffix_decoding_max_spec_factor
         self.min_token_prob = config.suffix_decoding_min_token_prob
+        # `tree` caps the children of a node, as for the n-gram lookup ([1]: a chain).
+        self.max_width = max(config.tree) if config.tree else None
         self.proposer_id = proposer_id
         self.datastore: Optional[SuffixIndex] = None
         if config.model:
@@ -221,4 +236,5 @@ class SuffixProposer(Proposer):
             return None
         # SuffixDecoding's adaptive size: a short match is weak evidence, so it drafts less.
         max_nodes = min(self.max_nodes, 1 + max(1, int(self.spec_factor * longest)))
-        return best_tree(tokens[-1], probs, max_nodes, max(min_prob, self.min_token_prob), self.proposer_id)
+        return best_tree(tokens[-1], probs, max_nodes, max(min_prob, self.min_token_prob), self.proposer_id,
+                         self.max_width)

@@ -59,6 +59,7 @@ def test_best_tree_keeps_the_most_frequent_paths_with_their_probabilities():
     v = node_values(tree, AcceptanceRecord(), AcceptanceRecord())
     for i in range(1, len(tree)):
         assert v[i] == pytest.approx(probs[tuple(tree.path_tokens(i))])
+    assert best_tree(0, probs, 16, min_prob=0.0, max_width=1).paths() == [[1, 2, 3]]   # a chain
     assert best_tree(0, probs, 16, min_prob=0.5).paths() == [[1]]
     assert best_tree(0, probs, 16, min_prob=0.9) is None
 
