@@ -5,7 +5,8 @@ row costs against what a step yields grows with the batch: on the Zen 4 dev box 
 ~6% of a 1-request decode step and ~45% of a row's share of an 8-request one. So each node gets an
 estimated probability of being accepted, its path's product of per-node estimates:
   - a draft-model node: its draft probability given its parent (exp of the cum_logprob step);
-  - a suffix-decoding node: the share of the matched occurrences that continued through it;
+  - a suffix-decoding node: the share of the matched occurrences that continued through it,
+    calibrated by the record of how often nodes so estimated were accepted;
   - another node without a draft distribution (n-gram lookup): the request's own record of how often
     such nodes were accepted at that depth, given that their parent was, smoothed towards the
     record of all requests;
@@ -31,17 +32,32 @@ from spruce.spec.tree import TokenTree, _subtree
 # step at batch 1, ~1.3 ms against ~23 ms at batch 8).
 ROW_VALUE_PER_REQUEST = 0.06
 MAX_DEPTH_TRACKED = 16
+PROB_BINS = 10     # a proposer's own estimates (Proposal.prob), calibrated per tenth
 
 
 class AcceptanceRecord:
     """Per depth d (1-based): how often a node without a draft distribution at depth d was
-    verified with its parent accepted (`tried`), and how often it was accepted (`hit`)."""
+    verified with its parent accepted (`tried`), and how often it was accepted (`hit`). And per
+    tenth of a proposer's own estimate (Proposal.prob, a suffix match's continuation frequency):
+    how often such a node was verified with its parent accepted, and how often it was accepted --
+    the frequencies run high (W4 on the Zen 4 box: an estimated 0.5 was accepted a third of the
+    time), so the cut uses what they turned out to be worth."""
 
-    __slots__ = ("tried", "hit")
+    __slots__ = ("tried", "hit", "prob_tried", "prob_hit")
 
     def __init__(self):
         self.tried = [0] * (MAX_DEPTH_TRACKED + 1)
         self.hit = [0] * (MAX_DEPTH_TRACKED + 1)
+        self.prob_tried = [0] * PROB_BINS
+        self.prob_hit = [0] * PROB_BINS
+
+    def calibrated(self, prob: float, prior: Optional["AcceptanceRecord"] = None,
+                   prior_weight: float = 8.0) -> float:
+        """What a node estimated at `prob` is accepted with: this record's rate in prob's bin,
+        smoothed towards the prior's (or towards `prob` itself)."""
+        b = min(int(prob * PROB_BINS), PROB_BINS - 1)
+        p0 = prob if prior is None else prior.calibrated(prob)
+        return (self.prob_hit[b] + prior_weight * p0) / (self.prob_tried[b] + prior_weight)
 
     def rate(self, depth: int, prior: Optional["AcceptanceRecord"] = None, prior_weight: float = 4.0) -> float:
         d = min(depth, MAX_DEPTH_TRACKED)
@@ -62,6 +78,12 @@ class AcceptanceRecord:
             if plain:
                 self.tried[d] += 1
                 self.hit[d] += nxt in plain
+            for c in kids:
+                est = max((p.prob for p in tree.sources(c) if p.prob is not None), default=None)
+                if est is not None:
+                    b = min(int(est * PROB_BINS), PROB_BINS - 1)
+                    self.prob_tried[b] += 1
+                    self.prob_hit[b] += c == nxt
             if nxt is None:
                 return
             u = nxt
@@ -117,7 +139,7 @@ def node_values(tree: TokenTree, record: AcceptanceRecord, prior: AcceptanceReco
         local = 0.0
         for prop in tree.sources(i):
             if prop.prob is not None:
-                local = max(local, prop.prob)
+                local = max(local, record.calibrated(prop.prob, prior))
             elif prop.q is None:
                 local = max(local, record.rate(tree.depths[i], prior))
             else:

@@ -133,3 +133,21 @@ def test_suffix_is_lossless(make_llm, datastore, shape, batch):
         assert stats.num_accepted_tokens >= 0.5 * stats.num_draft_tokens
     kv = llm.engine.kv_manager
     assert kv.num_free_blocks == kv.num_usable_blocks
+
+
+def test_estimates_are_calibrated_by_what_they_turned_out_to_be_worth():
+    probs = {(1,): 0.55, (1, 2): 0.5}
+    tree = best_tree(0, probs, 4, 0.0)
+    prior = AcceptanceRecord()
+    assert node_values(tree, AcceptanceRecord(), prior)[1] == pytest.approx(0.55)   # no record yet
+    for _ in range(40):            # estimated 0.55, accepted one time in five
+        prior.record(tree, [7])
+    for _ in range(10):
+        prior.record(tree, [1, 2, 9])
+    v = node_values(tree, AcceptanceRecord(), prior)
+    assert v[1] == pytest.approx((10 + 8 * 0.55) / (50 + 8))
+    # A request's own record moves it from there, towards what its own nodes did.
+    own = AcceptanceRecord()
+    for _ in range(8):
+        own.record(tree, [1, 2, 9])
+    assert node_values(tree, own, prior)[1] > v[1]
