@@ -193,7 +193,10 @@ class SuffixProposer(Proposer):
         self._cached_indexed = 0            # of them, in `_cache`
 
     def propose(self, requests, min_prob=0.0):
-        return [self._propose_one(r.all_token_ids, min_prob) for r in requests]
+        # A seeded sampled request's draws follow its tree, so its tree must not depend on what
+        # other requests said before it: it searches itself and the datastore only.
+        return [self._propose_one(r.all_token_ids, min_prob, r.sampling_params.is_seeded_sampling)
+                for r in requests]
 
     def observe_finished(self, requests) -> None:
         """Remember finished requests' outputs (after the prompt's last tokens: the template's
@@ -212,13 +215,13 @@ class SuffixProposer(Proposer):
             self._cache = SuffixIndex(np.asarray(flat, dtype=np.int64), self.max_n)
             self._cached_indexed = self._cache_tokens
 
-    def _propose_one(self, tokens: list[int], min_prob: float) -> Optional[TokenTree]:
+    def _propose_one(self, tokens: list[int], min_prob: float, seeded: bool = False) -> Optional[TokenTree]:
         arr = np.asarray(tokens, dtype=np.int64)
         n, ends = local_match(arr, self.max_n)
         # The request's own latest occurrences: its text is the most specific evidence there is.
         sources = [(n, arr, ends[-self.max_occurrences:])]
         hashes = None
-        for index in (self.datastore, self._cache):
+        for index in (self.datastore, None if seeded else self._cache):
             if index is not None:
                 hashes = suffix_hashes(tokens, self.max_n) if hashes is None else hashes
                 n, ends = index.longest_match(hashes)

@@ -76,8 +76,9 @@ def test_corpus_round_trip_and_bad_paths(tmp_path):
 
 
 class _Req:
-    def __init__(self, prompt, out):
+    def __init__(self, prompt, out, seed=None):
         self.all_token_ids, self.num_prompt_tokens, self.num_output_tokens = prompt + out, len(prompt), len(out)
+        self.sampling_params = SamplingParams(temperature=1.0 if seed is not None else 0.0, seed=seed)
 
 
 def test_proposer_drafts_from_the_datastore_and_from_finished_outputs(tmp_path):
@@ -94,6 +95,8 @@ def test_proposer_drafts_from_the_datastore_and_from_finished_outputs(tmp_path):
     p.observe_finished([fin])
     tree = p.propose([_Req([7, 8], [20, 21, 22, 23])])[0]
     assert tree.paths() == [[24, 25, 26, 27]]
+    # ... but not for a seeded sampled request, whose draws must not depend on other requests.
+    assert p.propose([_Req([7, 8], [20, 21, 22, 23], seed=1)])[0] is None
 
 
 PROMPTS = [
