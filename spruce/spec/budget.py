@@ -35,6 +35,10 @@ MAX_DEPTH_TRACKED = 16
 PROB_BINS = 10     # a proposer's own estimates (Proposal.prob), calibrated per tenth
 
 
+def _prob_bin(prob: float) -> int:
+    return min(int(prob * PROB_BINS), PROB_BINS - 1)
+
+
 class AcceptanceRecord:
     """Per depth d (1-based): how often a node without a draft distribution at depth d was
     verified with its parent accepted (`tried`), and how often it was accepted (`hit`). And per
@@ -55,7 +59,7 @@ class AcceptanceRecord:
                    prior_weight: float = 8.0) -> float:
         """What a node estimated at `prob` is accepted with: this record's rate in prob's bin,
         smoothed towards the prior's (or towards `prob` itself)."""
-        b = min(int(prob * PROB_BINS), PROB_BINS - 1)
+        b = _prob_bin(prob)
         p0 = prob if prior is None else prior.calibrated(prob)
         return (self.prob_hit[b] + prior_weight * p0) / (self.prob_tried[b] + prior_weight)
 
@@ -81,7 +85,7 @@ class AcceptanceRecord:
             for c in kids:
                 est = max((p.prob for p in tree.sources(c) if p.prob is not None), default=None)
                 if est is not None:
-                    b = min(int(est * PROB_BINS), PROB_BINS - 1)
+                    b = _prob_bin(est)
                     self.prob_tried[b] += 1
                     self.prob_hit[b] += c == nxt
             if nxt is None:

@@ -11,6 +11,22 @@ from spruce.request import Request
 from spruce.spec.tree import TokenTree, merge_trees
 
 
+def longest_suffix_match(tokens: np.ndarray, max_n: int) -> tuple[int, np.ndarray]:
+    """(n, end positions of the earlier occurrences of the last n tokens) for the longest
+    n <= max_n that occurred before in `tokens`, (0, []) if none. Grown one token leftwards at
+    a time over the occurrences alone: a longer suffix occurs only where a shorter one does."""
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+    n = 1 if len(ends) else 0
+    while 0 < n < min(max_n, len(tokens) - 1):
+        starts = ends - n
+        ok = starts >= 0
+        longer = ends[ok][tokens[starts[ok]] == tokens[-1 - n]]
+        if not len(longer):
+            break
+        ends, n = longer, n + 1
+    return n, ends
+
+
 class Proposer(ABC):
     proposer_id: int = 0
     # Proposing costs next to nothing (a lookup in the request's own tokens). Then the engine
@@ -65,23 +81,18 @@ class NgramProposer(Proposer):
 
     def continuations(self, tokens: list[int]) -> list[list[int]]:
         arr = np.asarray(tokens, dtype=np.int64)
-        n_tok = len(arr)
-        for n in range(min(self.max_n, n_tok - 1), self.min_n - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
-            starts = np.flatnonzero((windows == arr[n_tok - n:]).all(axis=1))
-            if len(starts) == 0:
-                continue
-            conts, seen = [], set()
-            for s in starts[::-1]:  # the most recent occurrence first
-                cont = tuple(arr[s + n:s + n + self.k].tolist())
-                if cont and cont not in seen:
-                    seen.add(cont)
-                    conts.append(list(cont))
-                    if len(conts) == self.width:
-                        break
-            if conts:
-                return conts
-        return []
+        n, ends = longest_suffix_match(arr, self.max_n)
+        if n < self.min_n:
+            return []
+        conts, seen = [], set()
+        for e in ends[::-1]:  # the most recent occurrence first
+            cont = tuple(arr[e + 1:e + 1 + self.k].tolist())
+            if cont not in seen:
+                seen.add(cont)
+                conts.append(list(cont))
+                if len(conts) == self.width:
+                    break
+        return conts
 
     def _propose_one(self, tokens: list[int]) -> Optional[TokenTree]:
         conts = self.continuations(tokens)

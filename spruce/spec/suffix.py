@@ -22,7 +22,7 @@ import numpy as np
 
 from spruce.config import SpeculativeConfig
 from spruce.spec.draft_checkpoint import CORPUS_PROMPT_TAIL, load_corpus
-from spruce.spec.proposers import Proposer
+from spruce.spec.proposers import Proposer, longest_suffix_match
 from spruce.spec.tree import Proposal, TokenTree
 
 _MASK = (1 << 64) - 1
@@ -38,7 +38,7 @@ class SuffixIndex:
 
     def __init__(self, corpus: np.ndarray, max_n: int):
         t = np.asarray(corpus, dtype=np.int64)
-        self.tokens, self.max_n = t, max_n
+        self.tokens = t
         n_tok = len(t)
         val = (t + 1).astype(np.uint64)      # the separator hashes as 0 but is never inside a key
         h = val.copy()
@@ -62,9 +62,6 @@ class SuffixIndex:
         order = np.argsort(keys_all, kind="stable")     # stable: equal keys in corpus order
         self.keys = keys_all[order]
         self.ends = (np.concatenate(ends) if ends else np.empty(0, dtype=np.int64))[order]
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
     def longest_match(self, suffix_hashes: np.ndarray) -> tuple[int, np.ndarray]:
         """`suffix_hashes[n-1]`: the hash of the context's last n tokens (int64 view). Returns
@@ -96,21 +93,6 @@ def suffix_hashes(tokens: Sequence[int], max_n: int) -> np.ndarray:
         out.append(h)
         power = power * _BASE & _MASK
     return np.asarray(out, dtype=np.uint64).view(np.int64)
-
-
-def local_match(tokens: np.ndarray, max_n: int) -> tuple[int, np.ndarray]:
-    """The request's own tokens: (n, end positions of the earlier occurrences of its last n
-    tokens) for the longest n <= max_n that occurred before, (0, []) if none."""
-    ends = np.flatnonzero(tokens[:-1] == tokens[-1])
-    n = 1 if len(ends) else 0
-    while n < max_n:     # extend leftwards: a longer suffix occurs only where a shorter one does
-        starts = ends - n
-        ends_ok = ends[starts >= 0]
-        longer = ends_ok[tokens[starts[starts >= 0]] == tokens[-1 - n]] if n < len(tokens) else ends_ok[:0]
-        if not len(longer):
-            break
-        ends, n = longer, n + 1
-    return n, ends
 
 
 def continuation_probs(rows: np.ndarray, prior: float = 1.0) -> dict[tuple[int, ...], float]:
@@ -217,7 +199,7 @@ class SuffixProposer(Proposer):
 
     def _propose_one(self, tokens: list[int], min_prob: float, seeded: bool = False) -> Optional[TokenTree]:
         arr = np.asarray(tokens, dtype=np.int64)
-        n, ends = local_match(arr, self.max_n)
+        n, ends = longest_suffix_match(arr, self.max_n)
         # The request's own latest occurrences: its text is the most specific evidence there is.
         sources = [(n, arr, ends[-self.max_occurrences:])]
         hashes = None

@@ -8,7 +8,7 @@ from spruce.config import SpeculativeConfig
 from spruce.spec.budget import AcceptanceRecord, node_values
 from spruce.spec.draft_checkpoint import load_corpus, save_corpus
 from spruce.spec.suffix import (SuffixIndex, SuffixProposer, best_tree, continuation_probs,
-                                continuations, local_match, suffix_hashes)
+                                continuations, longest_suffix_match, suffix_hashes)
 
 
 def _brute_longest(seqs, ctx, max_n):
@@ -38,13 +38,27 @@ def test_index_finds_the_longest_match_like_brute_force():
     assert index.longest_match(suffix_hashes([99], 6))[0] == 0
 
 
+def test_longest_suffix_match_like_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        toks = rng.integers(0, 3, rng.integers(1, 25))
+        want = (0, [])
+        for n in range(1, min(6, len(toks) - 1) + 1):
+            ends = [i + n - 1 for i in range(len(toks) - n) if (toks[i:i + n] == toks[-n:]).all()]
+            if not ends:
+                break
+            want = (n, ends)
+        n, ends = longest_suffix_match(toks, 6)
+        assert (n, ends.tolist()) == want
+
+
 def test_local_match_and_continuations():
     toks = np.asarray([5, 1, 2, 3, 9, 1, 2, 3, 7, 4, 1, 2, 3])
-    n, ends = local_match(toks, 8)
+    n, ends = longest_suffix_match(toks, 8)
     assert n == 3 and ends.tolist() == [3, 7]
     assert continuations(toks, ends, 3, 64).tolist() == [[9, 1, 2], [7, 4, 1]]
     assert continuations(toks, np.asarray([11]), 3, 64).tolist() == [[3, -1, -1]]   # -1 past the end
-    assert local_match(np.asarray([1, 2, 3]), 8)[0] == 0
+    assert longest_suffix_match(np.asarray([1, 2, 3]), 8)[0] == 0
 
 
 def test_best_tree_keeps_the_most_frequent_paths_with_their_probabilities():
