@@ -6,7 +6,8 @@ row costs against what a step yields grows with the batch: on the Zen 4 dev box 
 estimated probability of being accepted, its path's product of per-node estimates:
   - a draft-model node: its draft probability given its parent (exp of the cum_logprob step);
   - a suffix-decoding node: the share of the matched occurrences that continued through it,
-    calibrated by the record of how often nodes so estimated were accepted;
+    calibrated by the record of how often nodes so estimated, on like evidence (Proposal.evidence:
+    the match's source and length), were accepted;
   - another node without a draft distribution (n-gram lookup): the request's own record of how often
     such nodes were accepted at that depth, given that their parent was, smoothed towards the
     record of all requests;
@@ -33,10 +34,13 @@ from spruce.spec.tree import TokenTree, _subtree
 ROW_VALUE_PER_REQUEST = 0.06
 MAX_DEPTH_TRACKED = 16
 PROB_BINS = 10     # a proposer's own estimates (Proposal.prob), calibrated per tenth
+EVIDENCE_CLASSES = 16   # ... and per evidence class (Proposal.evidence)
 
 
-def _prob_bin(prob: float) -> int:
-    return min(int(prob * PROB_BINS), PROB_BINS - 1)
+def _prob_bin(prob: float, evidence: int = 0) -> int:
+    if not 0 <= evidence < EVIDENCE_CLASSES:
+        raise ValueError(f"evidence class {evidence} outside 0..{EVIDENCE_CLASSES - 1}")
+    return evidence * PROB_BINS + min(int(prob * PROB_BINS), PROB_BINS - 1)
 
 
 class AcceptanceRecord:
@@ -52,15 +56,15 @@ class AcceptanceRecord:
     def __init__(self):
         self.tried = [0] * (MAX_DEPTH_TRACKED + 1)
         self.hit = [0] * (MAX_DEPTH_TRACKED + 1)
-        self.prob_tried = [0] * PROB_BINS
-        self.prob_hit = [0] * PROB_BINS
+        self.prob_tried = [0] * (PROB_BINS * EVIDENCE_CLASSES)
+        self.prob_hit = [0] * (PROB_BINS * EVIDENCE_CLASSES)
 
     def calibrated(self, prob: float, prior: Optional["AcceptanceRecord"] = None,
-                   prior_weight: float = 8.0) -> float:
-        """What a node estimated at `prob` is accepted with: this record's rate in prob's bin,
-        smoothed towards the prior's (or towards `prob` itself)."""
-        b = _prob_bin(prob)
-        p0 = prob if prior is None else prior.calibrated(prob)
+                   prior_weight: float = 8.0, evidence: int = 0) -> float:
+        """What a node estimated at `prob` on evidence class `evidence` is accepted with: this
+        record's rate in that bin, smoothed towards the prior's (or towards `prob` itself)."""
+        b = _prob_bin(prob, evidence)
+        p0 = prob if prior is None else prior.calibrated(prob, evidence=evidence)
         return (self.prob_hit[b] + prior_weight * p0) / (self.prob_tried[b] + prior_weight)
 
     def rate(self, depth: int, prior: Optional["AcceptanceRecord"] = None, prior_weight: float = 4.0) -> float:
@@ -83,9 +87,9 @@ class AcceptanceRecord:
                 self.tried[d] += 1
                 self.hit[d] += nxt in plain
             for c in kids:
-                est = max((p.prob for p in tree.sources(c) if p.prob is not None), default=None)
+                est = max(((p.prob, p.evidence) for p in tree.sources(c) if p.prob is not None), default=None)
                 if est is not None:
-                    b = _prob_bin(est)
+                    b = _prob_bin(*est)
                     self.prob_tried[b] += 1
                     self.prob_hit[b] += c == nxt
             if nxt is None:
@@ -143,7 +147,7 @@ def node_values(tree: TokenTree, record: AcceptanceRecord, prior: AcceptanceReco
         local = 0.0
         for prop in tree.sources(i):
             if prop.prob is not None:
-                local = max(local, record.calibrated(prop.prob, prior))
+                local = max(local, record.calibrated(prop.prob, prior, evidence=prop.evidence))
             elif prop.q is None:
                 local = max(local, record.rate(tree.depths[i], prior))
             else:

@@ -110,12 +110,21 @@ def continuation_probs(rows: np.ndarray, prior: float = 1.0) -> dict[tuple[int, 
     return {p: c / total for p, c in counts.items()}
 
 
+def evidence_class(source: int, match_len: int) -> int:
+    """Proposal.evidence of a continuation found after a `match_len`-token match in source 0 (the
+    request), 1 (the datastore) or 2 (finished requests): 1 + source * 5 + the length's bucket
+    (1, 2, 3-4, 5-8, 9+ tokens), so the cut calibrates each kind of evidence on its own record."""
+    bucket = 0 if match_len <= 1 else 1 if match_len == 2 else 2 if match_len <= 4 else 3 if match_len <= 8 else 4
+    return 1 + 5 * source + bucket
+
+
 def best_tree(root: int, probs: dict[tuple[int, ...], float], max_nodes: int, min_prob: float,
-              proposer: int = 0, max_width: Optional[int] = None) -> Optional[TokenTree]:
+              proposer: int = 0, max_width: Optional[int] = None,
+              evidence: Optional[dict[tuple[int, ...], int]] = None) -> Optional[TokenTree]:
     """The `max_nodes - 1` most probable paths of at least `min_prob` (ancestor-closed, since a
     path is never more probable than its prefix; ties to the shorter), at most `max_width`
     children a node (1: a chain), as a BFS tree whose proposals carry each node's probability
-    given its parent."""
+    given its parent and its path's evidence class (default 0)."""
     picked = sorted((p for p, v in probs.items() if v >= min_prob), key=lambda p: (-probs[p], len(p), p))
     keep: set[tuple[int, ...]] = set()
     width: dict[tuple[int, ...], int] = {}
@@ -141,7 +150,8 @@ def best_tree(root: int, probs: dict[tuple[int, ...], float], max_nodes: int, mi
         tokens.append(p[-1]); parents.append(parent); cum.append(float(np.log(probs[p])))
         proposals.append([])
         parent_prob = probs[p[:-1]] if p[:-1] else 1.0
-        proposals[parent].append(Proposal(i, None, False, proposer, min(1.0, probs[p] / parent_prob)))
+        proposals[parent].append(Proposal(i, None, False, proposer, min(1.0, probs[p] / parent_prob),
+                                          evidence.get(p, 0) if evidence else 0))
     return TokenTree(tokens, parents, proposals, cum, _check=False)
 
 
@@ -201,25 +211,27 @@ class SuffixProposer(Proposer):
         arr = np.asarray(tokens, dtype=np.int64)
         n, ends = longest_suffix_match(arr, self.max_n)
         # The request's own latest occurrences: its text is the most specific evidence there is.
-        sources = [(n, arr, ends[-self.max_occurrences:])]
+        sources = [(0, n, arr, ends[-self.max_occurrences:])]
         hashes = None
-        for index in (self.datastore, None if seeded else self._cache):
+        for source, index in ((1, self.datastore), (2, None if seeded else self._cache)):
             if index is not None:
                 hashes = suffix_hashes(tokens, self.max_n) if hashes is None else hashes
                 n, ends = index.longest_match(hashes)
-                sources.append((n, index.tokens, ends))
+                sources.append((source, n, index.tokens, ends))
         probs: dict[tuple[int, ...], float] = {}
+        evidence: dict[tuple[int, ...], int] = {}
         longest = 0
-        for n, corpus, ends in sources:
+        for source, n, corpus, ends in sources:
             if n == 0:
                 continue
             longest = max(longest, n)
+            cls = evidence_class(source, n)
             for p, v in continuation_probs(continuations(corpus, ends, self.depth, self.max_occurrences)).items():
                 if v > probs.get(p, 0.0):
-                    probs[p] = v
+                    probs[p], evidence[p] = v, cls
         if not probs:
             return None
         # SuffixDecoding's adaptive size: a short match is weak evidence, so it drafts less.
         max_nodes = min(self.max_nodes, 1 + max(1, int(self.spec_factor * longest)))
         return best_tree(tokens[-1], probs, max_nodes, max(min_prob, self.min_token_prob), self.proposer_id,
-                         self.max_width)
+                         self.max_width, evidence)

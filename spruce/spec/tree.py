@@ -37,6 +37,9 @@ class Proposal(NamedTuple):
     # Without q: the proposer's estimate that the target continues with this child given the
     # parent (suffix decoding's continuation frequency), for the per-node cut; None: no estimate.
     prob: Optional[float] = None
+    # Which of the proposer's estimates are alike, calibrated together (suffix decoding: where the
+    # match was and how long it was); 0: one class for all.
+    evidence: int = 0
 
 
 class TokenTree:

@@ -8,7 +8,7 @@ from spruce.config import SpeculativeConfig
 from spruce.spec.budget import AcceptanceRecord, node_values
 from spruce.spec.draft_checkpoint import load_corpus, save_corpus
 from spruce.spec.suffix import (SuffixIndex, SuffixProposer, best_tree, continuation_probs,
-                                continuations, longest_suffix_match, suffix_hashes)
+                                continuations, evidence_class, longest_suffix_match, suffix_hashes)
 
 
 def _brute_longest(seqs, ctx, max_n):
@@ -168,3 +168,31 @@ def test_estimates_are_calibrated_by_what_they_turned_out_to_be_worth():
     for _ in range(8):
         own.record(tree, [1, 2, 9])
     assert node_values(tree, own, prior)[1] > v[1]
+
+
+def test_each_kind_of_evidence_is_calibrated_on_its_own_record():
+    """A long match in the request and one token matched in the datastore may both say 0.55; the
+    record keeps them apart, so each is priced by what its own kind turned out to be worth."""
+    assert evidence_class(0, 12) != evidence_class(1, 1) and evidence_class(0, 3) == evidence_class(0, 4)
+    assert len({evidence_class(s, n) for s in range(3) for n in range(1, 20)}) == 15
+    probs = {(1,): 0.55}
+    strong = best_tree(0, probs, 2, 0.0, evidence={(1,): evidence_class(0, 12)})
+    weak = best_tree(0, probs, 2, 0.0, evidence={(1,): evidence_class(1, 1)})
+    assert strong.proposals[0][0].evidence == evidence_class(0, 12)
+    prior = AcceptanceRecord()
+    for _ in range(30):
+        prior.record(strong, [1, 5])     # accepted
+        prior.record(weak, [7])          # rejected
+    assert node_values(strong, AcceptanceRecord(), prior)[1] > 0.8
+    assert node_values(weak, AcceptanceRecord(), prior)[1] < 0.2
+    with pytest.raises(ValueError, match="evidence class 16"):
+        AcceptanceRecord().calibrated(0.5, evidence=16)
+
+
+def test_proposer_marks_where_and_how_long_the_match_was():
+    """The request's own repeat gives source-0 evidence, with the bucket of its match length."""
+    prop = SuffixProposer(SpeculativeConfig.parse({"method": "suffix", "num_speculative_tokens": 3}))
+    tokens = [9, 1, 2, 3, 4, 5, 8, 1, 2, 3]           # "1 2 3" recurs: then comes 4 5
+    tree = prop._propose_one(tokens, 0.0)
+    assert tree is not None and tree.tokens[1] == 4
+    assert {p.evidence for ps in tree.proposals for p in ps} == {evidence_class(0, 3)}
