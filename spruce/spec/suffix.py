@@ -15,6 +15,7 @@ Nodes are deterministic picks, verified as point masses: exact when sampling too
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from typing import Optional, Sequence
 
@@ -110,12 +111,15 @@ def continuation_probs(rows: np.ndarray, prior: float = 1.0) -> dict[tuple[int, 
     return {p: c / total for p, c in counts.items()}
 
 
+# Upper bounds of the match-length buckets of evidence_class: 1, 2, 3-4, 5-8, 9+ tokens.
+_MATCH_LEN_BOUNDS = (1, 2, 4, 8)
+
+
 def evidence_class(source: int, match_len: int) -> int:
     """Proposal.evidence of a continuation found after a `match_len`-token match in source 0 (the
-    request), 1 (the datastore) or 2 (finished requests): 1 + source * 5 + the length's bucket
-    (1, 2, 3-4, 5-8, 9+ tokens), so the cut calibrates each kind of evidence on its own record."""
-    bucket = 0 if match_len <= 1 else 1 if match_len == 2 else 2 if match_len <= 4 else 3 if match_len <= 8 else 4
-    return 1 + 5 * source + bucket
+    request), 1 (the datastore) or 2 (finished requests): 1 + the (source, length bucket) pair's
+    index, so the cut calibrates each kind of evidence on its own record."""
+    return 1 + source * (len(_MATCH_LEN_BOUNDS) + 1) + bisect.bisect_left(_MATCH_LEN_BOUNDS, match_len)
 
 
 def best_tree(root: int, probs: dict[tuple[int, ...], float], max_nodes: int, min_prob: float,
