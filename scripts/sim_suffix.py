@@ -98,7 +98,7 @@ def main() -> None:
                          "comma-separated cost per row count 1..16 (default: the Zen 4 VM's)")
     ap.add_argument("--no-evidence", action="store_true",
                     help="calibrate all suffix proposals in one class")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     table = ZEN4_ROW_COSTS if args.row_costs is None else tuple(map(float, args.row_costs.split(",")))
     if len(table) == 1:
         row_costs = lambda r, c=table[0]: 1 + c * (r - 1)  # noqa: E731
